@@ -1,0 +1,74 @@
+"""Newton–Schulz orthogonalization on local tensors (no torch.distributed here)."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedules import Method, Schedule, resolve_schedule
+
+DTypeLike = "torch.dtype | str"
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """Accept a torch.dtype or its name ("bfloat16", "torch.float32", "fp32")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = str(dtype).removeprefix("torch.")
+    name = aliases.get(name, name)
+    resolved = getattr(torch, name, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"ns_dtype must be a floating torch dtype, got {dtype!r}")
+    return resolved
+
+
+def normalize(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Scale each matrix so its spectral norm is at most ~1; the Frobenius norm is taken in fp32."""
+    norm = torch.linalg.matrix_norm(X.float(), ord="fro", keepdim=True)
+    return (X.float() / (norm * schedule.norm_scale + schedule.eps)).to(X.dtype)
+
+
+def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, for wide X (rows ≤ cols)."""
+    if X.is_cuda:  # symmetric Triton kernels; DIST_MUON_DISABLE_TRITON=1 keeps the torch path
+        from . import triton_kernels
+
+        if triton_kernels.use_triton(X):
+            return triton_kernels.newton_schulz_iterations_triton(X, schedule.coefficients)
+    for a, b, c in schedule.coefficients:
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else torch.addmm(X, B, X, beta=a)
+    return X
+
+
+def orthogonalize_with(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype) -> torch.Tensor:
+    """NS(X) for X of shape [..., m, n], computed in ``dtype``; returns ``dtype``."""
+    if X.ndim < 2:
+        raise ValueError(f"orthogonalize needs X of shape [..., m, n], got {tuple(X.shape)}")
+    tall = X.size(-2) > X.size(-1)
+    Y = X.to(dtype)
+    if tall:
+        Y = Y.mT
+    batch_shape = Y.shape[:-2]
+    Y = Y.reshape(-1, *Y.shape[-2:]) if Y.ndim != 3 else Y
+    if Y.size(0) == 1:
+        Y = Y[0]
+    Y = newton_schulz_iterations(normalize(Y, schedule), schedule)
+    Y = Y.reshape(*batch_shape, *Y.shape[-2:])
+    return Y.mT if tall else Y
+
+
+def orthogonalize(
+    X: torch.Tensor,
+    *,
+    method: Method = "polar_express",
+    steps: int = 5,
+    dtype=torch.bfloat16,
+) -> torch.Tensor:
+    """Approximate the orthogonal polar factor UVᵀ of every matrix in ``X`` ([..., m, n]).
+
+    ``method`` is "quintic", "polar_express" or a list of (a, b, c) triples; tall matrices
+    are transposed so X·Xᵀ is the small Gram matrix; a zero matrix maps to zeros.
+    """
+    return orthogonalize_with(X, resolve_schedule(method, steps), as_dtype(dtype))

@@ -1,0 +1,394 @@
+"""DistMuon: Muon, Muown and AdamW groups in one torch.optim.Optimizer, on any DTensor layout."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.optim.adamw import adamw as adamw_functional
+
+from .. import comm
+from ..numerics import muown as muown_math
+from ..plan import MatrixSpec, Plan, build_plan, layout_of, local_schedule, spec_fingerprint
+from .groups import (
+    MATRIX_ALGORITHMS,
+    check_policy,
+    complete_group,
+    group_label,
+    normalize_param_groups,
+    view_of,
+)
+from .pipeline import BucketRunner, MatrixJob, StepStats, schedule_key
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+class RankDisagreement(RuntimeError):
+    """Ranks built optimizers that would not communicate consistently."""
+
+
+class DistMuon(torch.optim.Optimizer):
+    """Distributed Muon (+ Muown and AdamW groups) for plain, FSDP2, HSDP, TP and EP parameters.
+
+    Every Muon parameter is a batch of matrices (see ``dist_muon.views``); each matrix is
+    orthogonalized once, whole, by one owner rank, and the result is applied to every shard.
+    See DESIGN.md §2 for the exact update rule.
+
+    Args:
+        params: param groups (``dm.build_param_groups(model)``), named parameters, or plain tensors.
+        lr, momentum, nesterov, weight_decay: Muon hyperparameters (decoupled weight decay).
+        ns_method: "polar_express", "quintic" or a list of (a, b, c) triples; ns_steps; ns_dtype.
+        adjust_lr: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2·sqrt(max(m, n))) or None.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for "adamw" groups
+            (``adamw_lr`` defaults to ``lr``, ``adamw_weight_decay`` to ``weight_decay``).
+        process_group: only for plain (non-DTensor) parameters replicated across ranks (DDP style).
+        owner_policy: "balanced" (by Newton–Schulz FLOPs) or "round_robin".
+        bucket_bytes: budget for whole matrices a rank assembles at once (two buckets in flight).
+        nonfinite_grad: "raise" or "skip" (skip the whole step, with a warning) on inf/NaN gradients.
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_method: Any = "polar_express",
+        ns_steps: int = 5,
+        ns_dtype: Any = torch.bfloat16,
+        adjust_lr: Optional[str] = "original",
+        adamw_lr: Optional[float] = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: Optional[float] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
+        owner_policy: str = "balanced",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        nonfinite_grad: str = "raise",
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
+            ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr,
+            adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        )
+        self._group_defaults = defaults
+        self.nonfinite_grad = check_policy(nonfinite_grad)
+        self.owner_policy = owner_policy
+        self.bucket_bytes = bucket_bytes
+        self._plan: Optional[Plan] = None
+        self._plan_key: Optional[tuple] = None
+        self.last_step_stats: Optional[StepStats] = None
+        groups = normalize_param_groups(params)
+        torch_defaults = {k: v for k, v in defaults.items() if not k.startswith("adamw_")}
+        super().__init__(groups, torch_defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._comm = comm.resolve_comm_group(all_params, process_group)
+        self._device = comm.local_tensor(all_params[0]).device
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(group, p)
+        self._ensure_plan()
+
+    # ------------------------------------------------------------------ groups and state
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = complete_group(param_group, len(self.param_groups), self._group_defaults)
+        super().add_param_group(group)
+        if hasattr(self, "_comm"):
+            for p in group["params"]:
+                self._init_state(group, p)
+            self._plan_key = None  # rebuilt (and re-agreed across ranks) at the next step
+
+    def _names(self, group: dict, gi: int) -> list[str]:
+        return list(group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))])
+
+    @torch.no_grad()
+    def _init_state(self, group: dict, p: torch.Tensor) -> None:
+        """Eager, identical on every rank, mirroring the parameter's layout (so DCP can reshard it)."""
+        state = self.state[p]
+        if state:
+            return
+        algorithm = group["algorithm"]
+        if algorithm == "adamw":
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if algorithm == "muown":
+            dims = view_of(group, p, "param").row_norm_dims
+            norms = _settled(muown_math.row_norms(p.detach().float(), dims))
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["magnitude"] = norms.clone()
+            state["direction_norm"] = norms.clone()
+            state["magnitude_exp_avg"] = torch.zeros_like(norms)
+            state["magnitude_exp_avg_sq"] = torch.zeros_like(norms)
+
+    # ------------------------------------------------------------------ the plan
+
+    def _matrix_params(self) -> list[tuple[int, dict, int, torch.Tensor, str]]:
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            if group["algorithm"] in MATRIX_ALGORITHMS:
+                for i, (p, name) in enumerate(zip(group["params"], self._names(group, gi))):
+                    out.append((gi, group, i, p, name))
+        return out
+
+    def _current_plan_key(self) -> tuple:
+        return tuple(
+            (id(p), group["algorithm"], schedule_key(group), group["adjust_lr"], str(view_of(group, p, name).regions))
+            for _, group, _, p, name in self._matrix_params()
+        )
+
+    def _ensure_plan(self) -> Plan:
+        key = self._current_plan_key()
+        if key == self._plan_key:
+            return self._plan
+        specs = [
+            MatrixSpec(
+                name=name,
+                view=view_of(group, p, name),
+                layout=layout_of(p, self._comm.ranks),
+                ns_key=schedule_key(group),
+                adjust_lr=group["adjust_lr"],
+                itemsize=torch.empty((), dtype=group["ns_dtype"]).element_size(),
+            )
+            for _, group, _, p, name in self._matrix_params()
+        ]
+        for spec, (_, _, _, p, _) in zip(specs, self._matrix_params()):
+            expected = spec.layout.local_shape(self._comm.rank)
+            if tuple(comm.local_tensor(p).shape) != expected:
+                raise ValueError(
+                    f"{spec.name}: local shard shape {tuple(comm.local_tensor(p).shape)} does not match the "
+                    f"layout's {expected} ({spec.layout.description}); this placement is not supported"
+                )
+        plan = build_plan(specs, self._comm.world, bucket_bytes=self.bucket_bytes, owner_policy=self.owner_policy)
+        self._check_ranks_agree(plan, specs)
+        self._plan, self._plan_key = plan, key
+        self._runner = BucketRunner(plan, local_schedule(plan, self._comm.rank), self._comm, self._device)
+        return plan
+
+    def _agreement_record(self, specs) -> dict:
+        """Everything ranks must agree on; compared by digest first, in detail only on mismatch."""
+        hyper = [
+            {k: (repr(v) if k != "params" else len(v)) for k, v in g.items() if k not in ("param_names", "initial_lr")}
+            for g in self.param_groups
+        ]
+        adamw = [(n, tuple(p.shape)) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "adamw"
+                 for p, n in zip(g["params"], self._names(g, gi))]
+        return {
+            "options": (self.bucket_bytes, self.owner_policy, self.nonfinite_grad, self._comm.ranks),
+            "groups": hyper,
+            "matrix parameters": [spec_fingerprint(s) for s in specs],
+            "adamw parameters": adamw,
+        }
+
+    def _check_ranks_agree(self, plan: Plan, specs) -> None:
+        """Compare configurations before any data moves; disagreeing ranks raise instead of hanging."""
+        if self._comm.group is None:
+            return
+        record = self._agreement_record(specs)
+        digest = torch.tensor(list(bytes.fromhex(_sha(repr(record)))[:16]), dtype=torch.int64, device=self._device)
+        gathered = [torch.empty_like(digest) for _ in range(self._comm.world)]
+        dist.all_gather(gathered, digest, group=self._comm.group)
+        if all(torch.equal(g, digest) for g in gathered):
+            return
+        records = [None] * self._comm.world
+        dist.all_gather_object(records, record, group=self._comm.group)
+        raise RankDisagreement(_describe_disagreement(records))
+
+    @property
+    def plan(self) -> Plan:
+        """The frozen plan (owners, buckets, per-rank FLOPs); ``print(opt.plan.describe())``."""
+        return self._ensure_plan()
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._ensure_plan()
+        stats = StepStats(rank=self._comm.rank)
+        self.last_step_stats = stats
+        has_grad = self._check_grads()
+        if has_grad is None:
+            stats.skipped = True
+            return loss
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                self._adamw_step(group, has_grad)
+        jobs = self._matrix_jobs(has_grad)
+        self._runner.run(jobs, stats)
+        for (_, group, _, p, name), job in zip(self._matrix_params(), jobs):
+            if group["algorithm"] == "muown" and has_grad[id(p)]:
+                self._muown_finish(group, p, name, job.output)
+        return loss
+
+    def _check_grads(self) -> Optional[dict[int, bool]]:
+        """Which parameters have gradients (all ranks must agree), and whether all are finite.
+
+        One small all-reduce per step: [has_grad per parameter..., non-finite count].
+        Returns None when the step must be skipped.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        flags = []
+        nonfinite = torch.zeros((), dtype=torch.float32, device=self._device)
+        for p in params:
+            if p.grad is None:
+                flags.append(0.0)
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{self._name_of(p)}: sparse gradients are not supported by DistMuon")
+            if p.grad.is_complex():
+                raise ValueError(f"{self._name_of(p)}: complex gradients are not supported by DistMuon")
+            flags.append(1.0)
+            g = comm.local_tensor(p.grad)
+            if g.numel():
+                nonfinite += (~torch.isfinite(g)).sum()
+        vector = torch.cat([torch.tensor(flags, dtype=torch.float32, device=self._device), nonfinite.view(1)])
+        if self._comm.group is not None:
+            dist.all_reduce(vector, group=self._comm.group)
+        vector = vector.cpu()
+        counts, bad = vector[:-1], float(vector[-1])
+        world = self._comm.world
+        split = [(self._name_of(p), int(c)) for p, c in zip(params, counts.tolist()) if c not in (0, world)]
+        if split:
+            raise RankDisagreement(
+                f"some ranks have a gradient and others not for {split[0][0]} ({split[0][1]} of {world} ranks): "
+                "every rank must run backward through the same parameters"
+            )
+        if bad:
+            message = f"DistMuon: {int(bad)} non-finite gradient values this step"
+            if self.nonfinite_grad == "raise":
+                raise FloatingPointError(message + "; set nonfinite_grad='skip' to skip such steps instead")
+            warnings.warn(message + "; the step was skipped (parameters and state unchanged)", stacklevel=3)
+            return None
+        return {id(p): bool(c) for p, c in zip(params, counts.tolist())}
+
+    def _name_of(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for q, name in zip(group["params"], self._names(group, gi)):
+                if q is p:
+                    return name
+        return "a parameter"
+
+    def _adamw_step(self, group: dict, has_grad: dict[int, bool]) -> None:
+        params = [p for p in group["params"] if has_grad[id(p)]]
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw_functional(
+            [comm.local_tensor(p) for p in params],
+            [comm.local_tensor(p.grad) for p in params],
+            [comm.local_tensor(s["exp_avg"]) for s in states],
+            [comm.local_tensor(s["exp_avg_sq"]) for s in states],
+            [],
+            [s["step"] for s in states],
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False,
+        )
+
+    def _matrix_jobs(self, has_grad: dict[int, bool]) -> list[MatrixJob]:
+        """Momentum and weight decay on local shards; the orthogonalization input is made lazily."""
+        jobs = []
+        for _, group, _, p, name in self._matrix_params():
+            local = comm.local_tensor(p)
+            if not has_grad[id(p)]:
+                # No gradient: no update (as torch.optim), but the plan still moves this matrix (as zeros).
+                jobs.append(MatrixJob(lambda local=local: torch.zeros_like(local), torch.empty_like(local), 0.0))
+                continue
+            if group["algorithm"] == "muown":
+                jobs.append(self._muown_start(group, p, name))
+                continue
+            buf = comm.local_tensor(self.state[p]["momentum_buffer"])
+            grad = comm.local_tensor(p.grad)
+            mu = group["momentum"]
+            buf.lerp_(grad, 1 - mu)
+            local.mul_(1 - group["lr"] * group["weight_decay"])
+            make = (lambda g=grad, b=buf, mu=mu: g.lerp(b, mu)) if group["nesterov"] else (lambda b=buf: b)
+            jobs.append(MatrixJob(make, local, -group["lr"]))
+        return jobs
+
+    # ------------------------------------------------------------------ Muown
+
+    def _muown_start(self, group: dict, p: torch.Tensor, name: str) -> MatrixJob:
+        state = self.state[p]
+        dims = view_of(group, p, name).row_norm_dims
+        v, grad_g, grad_v = muown_math.decompose(
+            p.float(), p.grad.float(), state["magnitude"], state["direction_norm"], dims
+        )
+        state["_direction"], state["_grad_magnitude"] = v, _settled(grad_g)
+        buf = state["momentum_buffer"]
+        grad_v = _settled(grad_v).to(buf.dtype)
+        buf.lerp_(grad_v, 1 - group["momentum"])
+        u = grad_v.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        u_local = comm.local_tensor(u)
+        update = torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
+        return MatrixJob(lambda: u_local, update, 1.0)
+
+    def _muown_finish(self, group: dict, p: torch.Tensor, name: str, update_local: torch.Tensor) -> None:
+        """v ← v − lr·s·O; g ← Adam(g); W ← g·v/‖v‖; decoupled weight decay on W (g re-synced)."""
+        state = self.state[p]
+        dims = view_of(group, p, name).row_norm_dims
+        v, grad_g = state.pop("_direction"), state.pop("_grad_magnitude")
+        update = _like(p, update_local)
+        lr, wd = group["lr"], group["weight_decay"]
+        v_new = v - lr * update
+        state["step"] += 1
+        g = state["magnitude"]
+        g.sub_(lr * _settled(muown_math.adam_direction(
+            grad_g, state["magnitude_exp_avg"], state["magnitude_exp_avg_sq"], int(state["step"].item()),
+            group["betas"], group["eps"],
+        )))
+        W_old = p.detach().float() if wd else None
+        W_new, v_norm = muown_math.recompose(g, v_new, dims)
+        state["direction_norm"].copy_(_settled(v_norm))
+        if wd:
+            W_new = W_new - lr * wd * W_old
+            g.copy_(_settled(muown_math.row_norms(W_new, dims)))
+        p.copy_(W_new.to(p.dtype))
+
+
+def _settled(t: torch.Tensor) -> torch.Tensor:
+    """Turn Partial placements (from reductions over a sharded dim) into Replicate."""
+    if isinstance(t, DTensor) and any(isinstance(pl, Partial) for pl in t.placements):
+        return t.redistribute(placements=[Replicate() if isinstance(pl, Partial) else pl for pl in t.placements])
+    return t
+
+
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return local
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe_disagreement(records: list[dict]) -> str:
+    reference = records[0]
+    for rank, record in enumerate(records):
+        for key, ours in reference.items():
+            theirs = record[key]
+            if theirs == ours:
+                continue
+            if isinstance(ours, list):
+                for i, (a, b) in enumerate(zip(ours, theirs)):
+                    if a != b:
+                        return f"DistMuon ranks disagree on {key}[{i}]: rank 0 has {a} but rank {rank} has {b}"
+                return f"DistMuon ranks disagree on {key}: rank 0 has {len(ours)} but rank {rank} has {len(theirs)}"
+            return f"DistMuon ranks disagree on {key}: rank 0 has {ours} but rank {rank} has {theirs}"
+    return "DistMuon ranks disagree on the optimizer configuration"

@@ -1,0 +1,159 @@
+"""Completing and validating param groups: every group says its algorithm and all its hyperparameters."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..numerics import as_dtype, resolve_schedule
+from ..routing import ALGORITHMS, VIEW_KEYS, check_group_keys
+from ..views import ADJUST_LR, MatrixView, build_view
+
+MATRIX_ALGORITHMS = ("muon", "muown")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def group_label(group: Mapping[str, Any], index: int) -> str:
+    names = group.get("param_names") or []
+    return f"param group {index} ({names[0]}{', …' if len(names) > 1 else ''})" if names else f"param group {index}"
+
+
+def split_plain_params(params: list[torch.Tensor]) -> list[dict]:
+    warnings.warn(
+        "DistMuon got plain parameters without names: ndim >= 2 go to Muon, the rest to AdamW. Embeddings and "
+        "the output head cannot be recognised this way; pass dm.build_param_groups(model) instead.",
+        stacklevel=3,
+    )
+    matrices = [p for p in params if p.ndim >= 2]
+    others = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": matrices, "algorithm": "muon"}, {"params": others, "algorithm": "adamw"}) if g["params"]]
+
+
+def normalize_param_groups(params: Iterable) -> list[dict]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of Tensors or dicts, got a single Tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("DistMuon got an empty parameter list")
+    if all(isinstance(x, Mapping) for x in items):
+        return [dict(g) for g in items]
+    if any(isinstance(x, Mapping) for x in items):
+        raise TypeError("params must be all Tensors or all param-group dicts, not a mix")
+    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        named = [{"params": [p for _, p in items], "param_names": [n for n, _ in items]}]
+        return _split_named(named[0])
+    return split_plain_params(items)
+
+
+def _split_named(group: dict) -> list[dict]:
+    """Named parameters without module types: ndim >= 2 to Muon, the rest to AdamW (names kept)."""
+    out = []
+    for algorithm, keep in (("muon", lambda p: p.ndim >= 2), ("adamw", lambda p: p.ndim < 2)):
+        pairs = [(n, p) for n, p in zip(group["param_names"], group["params"]) if keep(p)]
+        if pairs:
+            out.append({"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], "algorithm": algorithm})
+    return out
+
+
+def _check_number(label: str, key: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"{label}: {key} must be a number in {bound}, got {value!r}")
+
+
+def _check_betas(label: str, betas) -> tuple[float, float]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{label}: betas must be a pair (beta1, beta2), got {betas!r}") from e
+    _check_number(label, "betas[0]", b1, 0.0, 1.0, high_open=True)
+    _check_number(label, "betas[1]", b2, 0.0, 1.0, high_open=True)
+    return (float(b1), float(b2))
+
+
+def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, Any]) -> dict:
+    """Fill an algorithm's defaults into ``group`` and validate every value; errors name the group."""
+    check_group_keys(group, f"param group {index}")
+    if "params" not in group:
+        raise ValueError(f"param group {index} has no 'params'")
+    out = dict(group)
+    params = out["params"]
+    out["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+    names = out.get("param_names")
+    if names is not None and len(names) != len(out["params"]):
+        raise ValueError(f"param group {index}: {len(names)} param_names for {len(out['params'])} params")
+    label = group_label(out, index)
+    algorithm = out.setdefault("algorithm", _infer_algorithm(out["params"], label))
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{label}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
+    if algorithm == "adamw":
+        for key in VIEW_KEYS:
+            if out.get(key) not in (None, False):
+                raise ValueError(f"{label}: view option {key!r} applies to muon/muown groups, not adamw")
+        out.setdefault("lr", defaults["adamw_lr"])
+        out.setdefault("betas", defaults["adamw_betas"])
+        out.setdefault("eps", defaults["adamw_eps"])
+        out.setdefault("weight_decay", defaults["adamw_weight_decay"])
+    else:
+        for key in ("lr", "momentum", "nesterov", "weight_decay", "ns_method", "ns_steps", "ns_dtype", "adjust_lr"):
+            out.setdefault(key, defaults[key])
+        if algorithm == "muown":
+            out.setdefault("betas", defaults["adamw_betas"])
+            out.setdefault("eps", defaults["adamw_eps"])
+        for key in VIEW_KEYS:
+            out.setdefault(key, False if key == "flatten" else None)
+    validate_hyperparameters(out, label)
+    for i, p in enumerate(out["params"]):
+        name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(p).__name__}")
+        if p.is_complex():
+            raise ValueError(f"{name}: complex parameters are not supported by DistMuon")
+        if algorithm in MATRIX_ALGORITHMS:
+            view_of(out, p, name)
+    return out
+
+
+def _infer_algorithm(params: list[torch.Tensor], label: str) -> str:
+    if all(p.ndim >= 2 for p in params):
+        return "muon"
+    if all(p.ndim < 2 for p in params):
+        return "adamw"
+    raise ValueError(f"{label} mixes matrices and vectors without an 'algorithm'; set algorithm or split the group")
+
+
+def validate_hyperparameters(group: dict, label: str) -> None:
+    _check_number(label, "lr", group["lr"], 0.0)
+    _check_number(label, "weight_decay", group["weight_decay"], 0.0)
+    if "betas" in group:
+        group["betas"] = _check_betas(label, group["betas"])
+        _check_number(label, "eps", group["eps"], 0.0)
+    if group["algorithm"] in MATRIX_ALGORITHMS:
+        _check_number(label, "momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
+        if group["adjust_lr"] not in ADJUST_LR:
+            raise ValueError(f"{label}: adjust_lr must be one of {ADJUST_LR}, got {group['adjust_lr']!r}")
+        try:
+            resolve_schedule(group["ns_method"], group["ns_steps"])
+            group["ns_dtype"] = as_dtype(group["ns_dtype"])
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+
+
+def view_of(group: Mapping[str, Any], param: torch.Tensor, name: str) -> MatrixView:
+    options = {k: group[k] for k in VIEW_KEYS if group.get(k) not in (None, False)}
+    if "split_sizes" in options:
+        options["split_sizes"] = tuple(options["split_sizes"])
+    return build_view(tuple(param.shape), name=name, **options)
+
+
+def check_policy(nonfinite_grad: str) -> str:
+    if nonfinite_grad not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
+    return nonfinite_grad

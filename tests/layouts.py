@@ -1,0 +1,181 @@
+"""Parameter layouts for multi-process tests, and the single-process reference they must equal.
+
+Every builder returns ``Entry``s: a full tensor (the single-process truth), the param-group
+options, and how to turn the full tensor into this rank's (possibly DTensor) parameter.
+Functions here run inside the gloo worker processes of ``harness.DistributedPool``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import dist_muon as dm
+
+
+@dataclass
+class Entry:
+    name: str
+    param: torch.Tensor  # this rank's parameter (DTensor or plain)
+    full: torch.Tensor  # the whole tensor, identical on every rank
+    options: dict = field(default_factory=dict)
+
+
+def seeded(shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def _fill_module(module: nn.Module, seed: int, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    fulls = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        fulls[name] = seeded(shape, seed + i)
+        module.register_parameter(name, nn.Parameter(fulls[name].clone()))
+    return fulls
+
+
+def fsdp_entries(world: int, seed: int = 1) -> list[Entry]:
+    """fully_shard on a 1-D mesh: divisible and non-divisible dims, empty shards, fused views."""
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+    shapes = {
+        "dense": (12, 16), "odd": (6, 10), "tiny": (3, 8), "qkv": (20, 16), "fused_experts": (18, 8),
+        "heads": (12, 8), "experts3d": (4, 6, 8), "conv": (6, 2, 3, 3), "norm": (16,), "muown": (10, 12),
+        "muown_experts": (2, 5, 6), "tall": (14, 5),
+    }
+    options = {
+        "qkv": {"split_sizes": (12, 4, 4)}, "fused_experts": {"num_experts": 3}, "heads": {"num_heads": 3},
+        "norm": {"algorithm": "adamw"}, "muown": {"algorithm": "muown"}, "muown_experts": {"algorithm": "muown"},
+    }
+    module = nn.Module()
+    fulls = _fill_module(module, seed, shapes)
+    fully_shard(module, mesh=mesh)
+    return [Entry(f"fsdp.{n}", getattr(module, n), fulls[n], options.get(n, {})) for n in shapes]
+
+
+def hsdp_entries(world: int, seed: int = 100) -> list[Entry]:
+    """HSDP: replicate × shard mesh; replicas split the Newton–Schulz work."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    shapes = {"w1": (12, 10), "w2": (7, 12), "experts": (3, 4, 6), "bias": (7,), "muown": (6, 9)}
+    options = {"bias": {"algorithm": "adamw"}, "muown": {"algorithm": "muown"}}
+    module = nn.Module()
+    fulls = _fill_module(module, seed, shapes)
+    fully_shard(module, mesh=mesh)
+    return [Entry(f"hsdp.{n}", getattr(module, n), fulls[n], options.get(n, {})) for n in shapes]
+
+
+class _TPBlock(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        self.up = nn.Linear(10, 12, bias=False)
+        self.down = nn.Linear(12, 10, bias=False)
+        self.qkv = nn.Linear(10, 16, bias=False)
+        for i, lin in enumerate((self.up, self.down, self.qkv)):
+            lin.weight.data.copy_(seeded(lin.weight.shape, seed + i))
+
+
+def tp_entries(world: int, seed: int = 200) -> list[Entry]:
+    """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, and a colwise fused QKV."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    block = _TPBlock(seed)
+    fulls = {n: p.detach().clone() for n, p in block.named_parameters()}
+    parallelize_module(block, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(), "qkv": ColwiseParallel()})
+    fully_shard(block, mesh=mesh["dp"])
+    options = {"qkv.weight": {"split_sizes": (8, 4, 4)}}
+    return [Entry(f"tp.{n}", p, fulls[n], options.get(n, {})) for n, p in block.named_parameters()]
+
+
+def ep_entries(world: int, seed: int = 300) -> list[Entry]:
+    """Experts on their own ('efsdp', 'ep') mesh: sharded on the expert dim (no traffic) and on a matrix dim."""
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("efsdp", "ep"))
+    cases = {
+        "experts_whole": ((4, 6, 8), [Shard(0), Shard(0)]),
+        "experts_rows": ((2, 6, 8), [Shard(1), Shard(0)]),
+        "experts_cols_ep_replicated": ((2, 8, 6), [Shard(2), Replicate()]),
+    }
+    out = []
+    for i, (name, (shape, placements)) in enumerate(cases.items()):
+        full = seeded(shape, seed + i)
+        param = nn.Parameter(distribute_tensor(full.clone(), mesh, placements))
+        out.append(Entry(f"ep.{name}", param, full, {}))
+    return out
+
+
+def kitchen_sink(world: int) -> list[Entry]:
+    return fsdp_entries(world) + hsdp_entries(world) + tp_entries(world) + ep_entries(world)
+
+
+def ddp_entries(world: int, seed: int = 400) -> list[Entry]:
+    shapes = {"w": (12, 10), "v": (5, 20), "experts": (3, 4, 6), "b": (5,), "muown": (8, 6)}
+    options = {"b": {"algorithm": "adamw"}, "muown": {"algorithm": "muown"}}
+    out = []
+    for i, (n, shape) in enumerate(shapes.items()):
+        full = seeded(shape, seed + i)
+        out.append(Entry(f"ddp.{n}", nn.Parameter(full.clone()), full, options.get(n, {})))
+    return out
+
+
+# --------------------------------------------------------------------------- running and comparing
+
+
+def groups_for(entries: list[Entry], params: list[torch.Tensor], common: dict) -> list[dict]:
+    groups = []
+    for e, p in zip(entries, params):
+        options = {**common, **e.options}
+        options.setdefault("algorithm", "muon" if e.full.ndim >= 2 else "adamw")
+        groups.append({"params": [p], "param_names": [e.name], **options})
+    return groups
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if isinstance(param, DTensor):
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return full.clone()
+
+
+def full_of(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def run_both(
+    entries: list[Entry], *, steps: int = 3, common: Optional[dict] = None, process_group=None, **opt_kwargs
+):
+    """Step the distributed params and a single-process copy with identical gradients.
+
+    Returns (distributed optimizer, reference optimizer, reference params).
+    """
+    common = {} if common is None else common
+    reference = [nn.Parameter(e.full.clone()) for e in entries]
+    dist_params = [e.param for e in entries]
+    opt = dm.DistMuon(groups_for(entries, dist_params, common), process_group=process_group, **opt_kwargs)
+    ref = dm.DistMuon(groups_for(entries, reference, common), **opt_kwargs)
+    for step in range(steps):
+        for i, (e, p, r) in enumerate(zip(entries, dist_params, reference)):
+            g = seeded(e.full.shape, 10_000 * (step + 1) + i)
+            r.grad = g.clone()
+            p.grad = _shard_like(g, p)
+        opt.step()
+        ref.step()
+    return opt, ref, reference
+
+
+def relative_errors(entries, opt, ref, reference) -> dict[str, float]:
+    """Max relative error per parameter and per state tensor, distributed vs reference."""
+    errors = {}
+    for e, r in zip(entries, reference):
+        errors[e.name] = _rel(full_of(e.param.detach()), r.detach())
+        for key, value in opt.state[e.param].items():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                errors[f"{e.name}:{key}"] = _rel(full_of(value), ref.state[r][key])
+    return errors
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
