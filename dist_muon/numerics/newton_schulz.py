@@ -6,17 +6,13 @@ import torch
 
 from .schedules import Method, Schedule, resolve_schedule
 
-DTypeLike = "torch.dtype | str"
 
 
 def as_dtype(dtype) -> torch.dtype:
     """Accept a torch.dtype or its name ("bfloat16", "torch.float32", "fp32")."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     name = str(dtype).removeprefix("torch.")
-    name = aliases.get(name, name)
-    resolved = getattr(torch, name, None)
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, aliases.get(name, name), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"ns_dtype must be a floating torch dtype, got {dtype!r}")
     return resolved

@@ -177,8 +177,9 @@ class DistMuon(torch.optim.Optimizer):
     def _agreement_record(self, specs) -> dict:
         """Everything ranks must agree on; compared by digest first, in detail only on mismatch."""
         hyper = [
-            {k: (repr(v) if k != "params" else len(v)) for k, v in g.items() if k not in ("param_names", "initial_lr")}
-            for g in self.param_groups
+            {"first parameter": self._names(g, gi)[0], "number of parameters": len(g["params"]),
+             **{k: repr(v) for k, v in g.items() if k not in ("params", "param_names", "initial_lr")}}
+            for gi, g in enumerate(self.param_groups)
         ]
         adamw = [(n, tuple(p.shape)) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "adamw"
                  for p, n in zip(g["params"], self._names(g, gi))]
@@ -379,16 +380,23 @@ def _sha(text: str) -> str:
 
 
 def _describe_disagreement(records: list[dict]) -> str:
+    """The first field where some rank differs from rank 0, named precisely."""
     reference = records[0]
     for rank, record in enumerate(records):
         for key, ours in reference.items():
             theirs = record[key]
             if theirs == ours:
                 continue
-            if isinstance(ours, list):
-                for i, (a, b) in enumerate(zip(ours, theirs)):
-                    if a != b:
-                        return f"DistMuon ranks disagree on {key}[{i}]: rank 0 has {a} but rank {rank} has {b}"
-                return f"DistMuon ranks disagree on {key}: rank 0 has {len(ours)} but rank {rank} has {len(theirs)}"
-            return f"DistMuon ranks disagree on {key}: rank 0 has {ours} but rank {rank} has {theirs}"
+            prefix = f"DistMuon ranks disagree on {key}"
+            if not isinstance(ours, list):
+                return f"{prefix}: rank 0 has {ours} but rank {rank} has {theirs}"
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                if a == b:
+                    continue
+                if isinstance(a, dict):
+                    field = next(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+                    return (f"{prefix}[{i}] ({a['first parameter']}): {field} is {a.get(field)} on rank 0 "
+                            f"but {b.get(field)} on rank {rank}")
+                return f"{prefix}[{i}]: rank 0 has {a} but rank {rank} has {b}"
+            return f"{prefix}: rank 0 has {len(ours)} entries but rank {rank} has {len(theirs)}"
     return "DistMuon ranks disagree on the optimizer configuration"

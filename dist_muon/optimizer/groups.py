@@ -88,7 +88,9 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
     if names is not None and len(names) != len(out["params"]):
         raise ValueError(f"param group {index}: {len(names)} param_names for {len(out['params'])} params")
     label = group_label(out, index)
-    algorithm = out.setdefault("algorithm", _infer_algorithm(out["params"], label))
+    if out.get("algorithm") is None:
+        out["algorithm"] = _infer_algorithm(out["params"], label)
+    algorithm = out["algorithm"]
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{label}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
     if algorithm == "adamw":

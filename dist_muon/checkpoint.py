@@ -1,0 +1,448 @@
+"""Distributed checkpoints for DistMuon: DCP save, validated load (resharding), crash-safe "latest".
+
+Layout of a checkpoint root::
+
+    ckpt_dir/
+      step-3/              complete: renamed from step-3.tmp after dcp.save returned on every rank
+        .metadata          DCP metadata
+        __0_0.distcp ...   DCP data, one file per writing rank
+        COMPLETE.json      manifest: step, world size, size and sha256 of every file above
+      step-6.tmp/          being written (or interrupted): never considered by ``latest_checkpoint``
+
+The state is saved with the standard ``torch.distributed.checkpoint.state_dict`` helpers, keyed
+by FQN, with the optimizer state flattened (``flatten_optimizer_state_dict=True``, as torchtitan
+does), so a checkpoint written at one world size / layout loads at another (FSDP 4 → 2, FSDP →
+HSDP, 4 → 1, 1 → 2 ...): DCP reshards every DTensor to the loading side's placements.
+
+Loading validates *before any tensor is written*: every parameter's optimizer state must be in the
+checkpoint with the same keys (so a parameter routed to a different algorithm, e.g. "muon" then and
+"adamw" now, is an error naming it), the same global shapes, and the same ``algorithm`` and view
+options in its param group. Other hyperparameters follow ``torch.optim`` semantics: the checkpoint's
+param-group values win over the constructor's (so LR schedulers resume where they were).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .routing import VIEW_KEYS
+
+MARKER = "COMPLETE.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# State keys per algorithm, to name the routing a checkpoint was written with.
+STATE_KEYS = {
+    "muon": ("momentum_buffer",),
+    "adamw": ("step", "exp_avg", "exp_avg_sq"),
+    "muown": ("momentum_buffer", "step", "magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq"),
+}
+# Param-group keys that change what the optimizer *is* for a parameter, not a tunable value:
+# they must agree between the checkpoint and the running optimizer.
+STRUCTURAL_GROUP_KEYS = ("algorithm",) + tuple(VIEW_KEYS)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or not matching the model/optimizer."""
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def optim_options() -> StateDictOptions:
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def training_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model": FQN → tensor, "optim": flattened FQN-keyed optimizer state} (tensors alias the live ones)."""
+    return {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer, options=optim_options()),
+    }
+
+
+def algorithm_of_keys(keys) -> Optional[str]:
+    keys = set(keys)
+    for name, expected in STATE_KEYS.items():
+        if keys == set(expected):
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+
+def step_path(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{int(step)}")
+
+
+def is_complete(path: str) -> bool:
+    """A checkpoint is complete when its final name exists with DCP metadata and the completion manifest."""
+    return (
+        _STEP_DIR.match(os.path.basename(os.path.normpath(path))) is not None
+        and os.path.isfile(os.path.join(path, ".metadata"))
+        and os.path.isfile(os.path.join(path, MARKER))
+    )
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first; ``*.tmp`` never counts."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and is_complete(path):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _data_files(path: str) -> list[str]:
+    return sorted(f for f in os.listdir(path) if f != MARKER and os.path.isfile(os.path.join(path, f)))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_files(path: str, files: Sequence[str]) -> dict[str, dict]:
+    """Every rank hashes its share of the files; everyone gets the whole table."""
+    rank, world = _rank(), _world()
+    mine = {f: {"bytes": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
+            for i, f in enumerate(files) if i % world == rank}
+    if not _dist():
+        return mine
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _agree(ok: bool, message: str) -> None:
+    """Raise CheckpointError on every rank if any rank failed (no rank is left waiting in a collective)."""
+    if _dist():
+        messages: list = [None] * _world()
+        dist.all_gather_object(messages, None if ok else message)
+        bad = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if bad:
+            raise CheckpointError(bad[0][1] if len(bad) == 1 or all(m == bad[0][1] for _, m in bad)
+                                  else "; ".join(f"rank {r}: {m}" for r, m in bad))
+    elif not ok:
+        raise CheckpointError(message)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    root: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_schedulers: Sequence[Any] = (),
+    extra: Optional[dict] = None,
+    keep_last: Optional[int] = None,
+) -> str:
+    """Save model + optimizer (+ LR schedulers, + picklable ``extra``) as ``root/step-N``; collective.
+
+    Written to ``step-N.tmp``; after ``dcp.save`` returned on every rank, the files are hashed into
+    the ``COMPLETE.json`` manifest and the directory is renamed atomically to ``step-N``. A crash
+    at any point before the rename leaves only a ``.tmp`` directory, which resume ignores.
+    ``keep_last`` deletes older complete checkpoints, keeping that many.
+    """
+    final = step_path(root, step)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left over from an interrupted attempt
+    _barrier()
+    state = training_state_dict(model, optimizer)
+    state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
+    state["train_state"] = {"step": int(step), "world_size": _world(), "extra": extra or {}}
+    dcp.save(state, checkpoint_id=tmp)
+    _barrier()  # dcp.save returned on every rank (its own finish step already synchronised metadata)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "world_size": _world(),
+        "torch": torch.__version__,
+        "files": _hash_files(tmp, _data_files(tmp)),
+    }
+    if _rank() == 0:
+        marker_tmp = os.path.join(tmp, MARKER + ".partial")
+        with open(marker_tmp, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(marker_tmp, os.path.join(tmp, MARKER))
+        if os.path.exists(final):
+            shutil.rmtree(final)  # an older checkpoint for the same step: the new one replaces it
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last:
+            for _, old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def verify_files(path: str) -> dict:
+    """Check the checkpoint is complete and its files match the manifest (size, sha256); collective."""
+    ok, message, manifest = True, "", {}
+    if not os.path.isdir(path):
+        ok, message = False, f"checkpoint {path} does not exist"
+    elif not os.path.isfile(os.path.join(path, ".metadata")):
+        ok, message = False, f"checkpoint {path} is incomplete: no DCP .metadata file (interrupted while being written?)"
+    elif not os.path.isfile(os.path.join(path, MARKER)):
+        ok, message = False, (f"checkpoint {path} is incomplete: no {MARKER} completion marker "
+                              "(dcp.save did not finish on every rank)")
+    else:
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                manifest = json.load(f)
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ok, message = False, f"checkpoint {path}: unreadable {MARKER}: {e}"
+        else:
+            present = set(_data_files(path))
+            missing = sorted(set(files) - present)
+            if missing:
+                ok, message = False, f"checkpoint {path} is missing files {missing}"
+            else:
+                for f, info in files.items():
+                    size = os.path.getsize(os.path.join(path, f))
+                    if size != info["bytes"]:
+                        ok, message = False, f"checkpoint {path}: {f} has {size} bytes, the manifest says {info['bytes']} (truncated or corrupt)"
+                        break
+    _agree(ok, message)
+    actual = _hash_files(path, sorted(manifest["files"]))
+    bad = sorted(f for f, info in manifest["files"].items() if actual[f]["sha256"] != info["sha256"])
+    _agree(not bad, f"checkpoint {path} is corrupt: checksum mismatch in {bad}")
+    return manifest
+
+
+def _group_checks(path: str, optim_sd: dict, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Compare structural param-group keys (algorithm, view options) against the checkpoint's values.
+
+    Loads only the small non-tensor param-group entries; nothing in the optimizer is touched.
+    """
+    wanted = {k: None for k in optim_sd if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in STRUCTURAL_GROUP_KEYS}
+    probe = {"optim": dict(wanted)}
+    dcp.load(probe, checkpoint_id=path)
+    problems = []
+    for key, theirs in probe["optim"].items():
+        fqn, option = key[len("param_groups."):].rsplit(".", 1)
+        ours = optim_sd[key]
+        if _normal(theirs) != _normal(ours):
+            if option == "algorithm":
+                problems.append(f"{fqn}: routed to {theirs!r} in the checkpoint but to {ours!r} now")
+            else:
+                problems.append(f"{fqn}: view option {option}={theirs!r} in the checkpoint but {ours!r} now")
+    return problems
+
+
+def _normal(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_normal(x) for x in v)
+    return v
+
+
+def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, verify: bool = True) -> dict:
+    """Raise CheckpointError (on every rank) unless ``path`` can be loaded into model + optimizer exactly.
+
+    Checks: completeness and checksums (``verify``), every model / optimizer key present with the
+    same global shape, per-parameter optimizer state keys equal (routing), structural param-group
+    options equal, no optimizer state for parameters the model does not have. Returns the manifest.
+    """
+    manifest = verify_files(path) if verify else {}
+    ok, message = True, ""
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
+        ok, message, metadata = False, f"checkpoint {path}: cannot read DCP metadata ({type(e).__name__}: {e})", {}
+    _agree(ok, message)
+    current = training_state_dict(model, optimizer)
+    problems = _key_problems(metadata, current)
+    _agree(not problems, _format(path, problems))
+    problems = _group_checks(path, current["optim"], optimizer)
+    _agree(not problems, _format(path, problems))
+    return manifest
+
+
+def _format(path: str, problems: list[str]) -> str:
+    shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+    return f"checkpoint {path} does not match this model/optimizer:\n  " + "\n  ".join(shown)
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+def _key_problems(metadata: dict, current: dict) -> list[str]:
+    problems = []
+    # model
+    for fqn, t in current["model"].items():
+        md = metadata.get(f"model.{fqn}")
+        if md is None:
+            problems.append(f"{fqn}: parameter missing from the checkpoint")
+        elif isinstance(t, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(t):
+            problems.append(f"{fqn}: shape {tuple(md.size)} in the checkpoint but {_shape(t)} now")
+    # optimizer state, per parameter
+    ours: dict[str, dict[str, Any]] = {}
+    for key, value in current["optim"].items():
+        if key.startswith("state."):
+            fqn, k = key[len("state."):].rsplit(".", 1)
+            ours.setdefault(fqn, {})[k] = value
+    theirs: dict[str, dict[str, Any]] = {}
+    for key, md in metadata.items():
+        if key.startswith("optim.state."):
+            fqn, k = key[len("optim.state."):].rsplit(".", 1)
+            theirs.setdefault(fqn, {})[k] = md
+    for fqn, state in ours.items():
+        saved = theirs.get(fqn)
+        if saved is None:
+            problems.append(f"{fqn}: no optimizer state in the checkpoint (expected {sorted(state)})")
+            continue
+        if set(saved) != set(state):
+            then, now = algorithm_of_keys(saved), algorithm_of_keys(state)
+            if then and now and then != now:
+                problems.append(f"{fqn}: routed to {then!r} in the checkpoint (state {sorted(saved)}) but to {now!r} "
+                                f"now (state {sorted(state)})")
+            else:
+                missing, extra = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+                problems.append(f"{fqn}: optimizer state keys differ: missing from the checkpoint {missing}, "
+                                f"unexpected in the checkpoint {extra}")
+            continue
+        for k, value in state.items():
+            md = saved[k]
+            if isinstance(value, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(value):
+                problems.append(f"{fqn}: optimizer state {k!r} has shape {tuple(md.size)} in the checkpoint but "
+                                f"{_shape(value)} now")
+    for fqn in sorted(set(theirs) - set(ours)):
+        problems.append(f"{fqn}: the checkpoint has optimizer state for it but the optimizer has no such parameter")
+    return problems
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_schedulers: Sequence[Any] = (),
+    verify: bool = True,
+) -> dict:
+    """Validate, then load model + optimizer (+ LR schedulers) from ``path``, resharding as needed; collective.
+
+    Returns the ``train_state`` dict saved with it (``step``, ``world_size``, ``extra``). Load the
+    schedulers here (after the optimizer) rather than constructing them afterwards.
+    """
+    validate_checkpoint(path, model, optimizer, verify=verify)
+    state = training_state_dict(model, optimizer)
+    state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
+    state["train_state"] = {"step": 0, "world_size": 0, "extra": {}}
+    ok, message = True, ""
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # noqa: BLE001 - re-raised below with the path, on every rank
+        ok, message = False, f"checkpoint {path}: DCP load failed ({type(e).__name__}: {e})"
+    _agree(ok, message)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=optim_options())
+    if len(state["lr_schedulers"]) != len(lr_schedulers):
+        raise CheckpointError(f"checkpoint {path} has {len(state['lr_schedulers'])} LR schedulers, "
+                              f"{len(lr_schedulers)} were given")
+    for scheduler, sd in zip(lr_schedulers, state["lr_schedulers"]):
+        scheduler.load_state_dict(sd)
+    return state["train_state"]
+
+
+def resume(
+    root: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_schedulers: Sequence[Any] = (),
+    verify: bool = True,
+) -> int:
+    """Load the latest complete checkpoint under ``root``; returns its step (0 when there is none).
+
+    Every rank must see the same latest checkpoint (a shared filesystem); ranks that disagree raise.
+    """
+    path = latest_checkpoint(root)
+    if _dist():
+        seen: list = [None] * _world()
+        dist.all_gather_object(seen, path)
+        if len(set(seen)) != 1:
+            raise CheckpointError(f"ranks see different latest checkpoints under {root}: {seen} "
+                                  "(checkpoints must be on a filesystem shared by all ranks)")
+    if path is None:
+        return 0
+    return int(load_checkpoint(path, model, optimizer, lr_schedulers=lr_schedulers, verify=verify)["step"])

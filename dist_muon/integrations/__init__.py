@@ -1,0 +1,1 @@
+"""Framework integrations. ``dist_muon.integrations.torchtitan``: the TOML ``[optimizer]`` plugin."""

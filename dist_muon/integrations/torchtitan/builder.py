@@ -1,0 +1,129 @@
+"""Building DistMuon through torchtitan's optimizer and LR-scheduler builders."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.nn as nn
+from torchtitan.components import optimizer as tt_optimizer
+from torchtitan.components.lr_scheduler import LRSchedulersContainer
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.tools.logging import logger
+
+import dist_muon as dm
+
+from .config import NAME, distmuon_kwargs, parse_rules, validate
+
+
+class DistMuonOptimizersContainer(OptimizersContainer):
+    """One ``dist_muon.DistMuon`` per model part (pipeline stage), in torchtitan's container.
+
+    The inherited state_dict / load_state_dict go through DCP's flattened
+    optimizer state dict, so checkpoints reshard like torchtitan's AdamW ones.
+    """
+
+    def __init__(self, model_parts: list[nn.Module], optimizer_config) -> None:
+        validate(optimizer_config)
+        kwargs = distmuon_kwargs(optimizer_config)
+        rules = parse_rules(optimizer_config.rules)
+        self.model_parts = model_parts
+        self.optimizers = []
+        all_params = []
+        for part in model_parts:
+            groups = dm.build_param_groups(part, rules=rules)
+            if optimizer_config.log_routing and _is_rank0():
+                logger.info(f"DistMuon routing:\n{dm.routing_report(groups)}")
+            self.optimizers.append(dm.DistMuon(groups, **kwargs))
+            all_params.extend(p for g in groups for p in g["params"])
+        self._validate_length(len(model_parts))
+        # Optimizer.__init__ on the container wires up torch's step hooks (used by the MoE hook).
+        self._post_init(all_params, kwargs)
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None):
+    """Same signature as ``torchtitan.components.optimizer.build_optimizers``."""
+    if ft_manager is not None and ft_manager.enabled:
+        raise NotImplementedError("DistMuon does not support torchft fault tolerance yet")
+    return DistMuonOptimizersContainer(model_parts, optimizer_config)
+
+
+def wrap_build_optimizers(original):
+    """A train spec's ``build_optimizers_fn`` that builds DistMuon when ``name = "DistMuon"``.
+
+    Other names go to ``original`` untouched. Wrappers around torchtitan's
+    ``build_optimizers`` (e.g. ``build_optimizers_with_moe_load_balancing``, which
+    registers the MoE expert-bias update as an optimizer step pre-hook) are kept:
+    they look ``build_optimizers`` up in torchtitan's optimizer module at call
+    time, so we point that name at our builder for the duration of the call.
+    """
+
+    def build(model_parts, optimizer_config, parallel_dims, ft_manager=None):
+        if optimizer_config.name != NAME:
+            return original(model_parts, optimizer_config, parallel_dims, ft_manager=ft_manager)
+        if original is tt_optimizer.build_optimizers:
+            return build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
+        with mock.patch.object(tt_optimizer, "build_optimizers", build_dist_muon_optimizers):
+            return original(model_parts, optimizer_config, parallel_dims, ft_manager=ft_manager)
+
+    build.__wrapped__ = original
+    return build
+
+
+class PerGroupLRSchedulersContainer(LRSchedulersContainer):
+    """torchtitan's LR schedulers, resumed so that every param group keeps its own lr.
+
+    torchtitan 0.2.2 saves ``schedulers[0].state_dict()`` (of rank 0) and loads it
+    into every scheduler. That state holds ``base_lrs`` / ``_last_lr``: one lr per
+    param group of the FIRST optimizer. DistMuon's groups have different lrs
+    (Muon ``lr`` vs ``adamw_lr`` vs per-rule overrides) and, with pipeline
+    parallelism, different stages have different groups, so copying those lists
+    gives groups the wrong base lr (or crashes on a length mismatch).
+
+    We save only the schedule position, which is the same for every scheduler,
+    and on load rebuild each group's base lr from its own ``initial_lr`` (restored
+    per parameter, by FQN, with the optimizer state) and recompute its lr.
+    """
+
+    POSITION_KEYS = ("last_epoch", "_step_count")
+
+    def __init__(self, inner: LRSchedulersContainer) -> None:
+        self.schedulers = inner.schedulers
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.schedulers[0].state_dict()
+        return {k: copy.deepcopy(state[k]) for k in self.POSITION_KEYS}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for scheduler in self.schedulers:
+            for key in self.POSITION_KEYS:
+                setattr(scheduler, key, state_dict[key])
+            _rebase(scheduler)
+
+
+def _rebase(scheduler) -> None:
+    """Set each group's lr to its own ``initial_lr`` x the schedule factor at ``last_epoch``."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base, lr_lambda in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def wrap_build_lr_schedulers(original):
+    """A train spec's ``build_lr_schedulers_fn`` that resumes DistMuon groups with their own lrs."""
+
+    def build(optimizers, lr_scheduler_config, training_steps):
+        schedulers = original(optimizers, lr_scheduler_config, training_steps)
+        if isinstance(optimizers, DistMuonOptimizersContainer):
+            return PerGroupLRSchedulersContainer(schedulers)
+        return schedulers
+
+    build.__wrapped__ = original
+    return build

@@ -1,0 +1,135 @@
+"""The distributed engine's own guarantees: whole matrices only, each once; balance; memory; agreement."""
+
+import types
+
+import pytest
+import torch
+from torch.distributed.tensor import Shard
+
+import dist_muon as dm
+import layouts
+from dist_muon import plan as plan_mod
+from harness import DistributedPool, RankFailure
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = DistributedPool(4)
+    yield p
+    p.close()
+
+
+def _record_numerics_inputs():
+    """Run one step on every layout; return what reached the Newton–Schulz entry point on this rank."""
+    from dist_muon.numerics import newton_schulz
+
+    seen = []
+    original = newton_schulz.orthogonalize_with
+
+    def recording(X, schedule, dtype):
+        assert not isinstance(X, torch.distributed.tensor.DTensor), "NS must never run on a DTensor"
+        seen.extend(x.clone() for x in X.reshape(-1, *X.shape[-2:]))
+        return original(X, schedule, dtype)
+
+    entries = layouts.kitchen_sink(4)
+    newton_schulz.orthogonalize_with = recording
+    try:
+        layouts.run_both(entries, steps=1, common={"ns_dtype": torch.float32}, lr=0.05, bucket_bytes=2048)
+    finally:
+        newton_schulz.orthogonalize_with = original
+    return seen
+
+
+def test_every_matrix_is_orthogonalized_whole_and_exactly_once(pool):
+    # Each rank's pool.run also steps a single-process reference: its inputs (the whole matrices, computed
+    # from full tensors) are recorded on every rank. The distributed inputs are the rest.
+    per_rank = pool.run(_record_numerics_inputs)
+    entries_count = _reference_matrix_count()
+    distributed = [x for seen in per_rank for x in seen[: len(seen) - entries_count]]
+    reference = per_rank[0][len(per_rank[0]) - entries_count:]
+    assert len(distributed) == len(reference)
+    unmatched = list(range(len(reference)))
+    for x in distributed:
+        hit = next((i for i in unmatched if reference[i].shape == x.shape and torch.allclose(reference[i], x)), None)
+        assert hit is not None, f"a {tuple(x.shape)} input that is not one whole matrix of the model"
+        unmatched.remove(hit)
+    assert not unmatched
+
+
+def _reference_matrix_count():
+    shapes = {"fsdp": [1, 1, 1, 3, 3, 3, 4, 1, 0, 1, 2, 1], "hsdp": [1, 1, 3, 0, 1], "tp": [1, 1, 3], "ep": [4, 2, 2]}
+    return sum(sum(v) for v in shapes.values())
+
+
+def _plan_imbalance_stats():
+    entries = layouts.kitchen_sink(4)
+    opt, _, _ = layouts.run_both(entries, steps=1, lr=0.05, bucket_bytes=2048)
+    largest = max(m.nbytes for m in opt.plan.matrices)
+    return opt.last_step_stats.peak_assembled_bytes, opt.bucket_bytes, largest
+
+
+def test_assembled_memory_stays_within_the_bucket_budget(pool):
+    for peak, budget, largest in pool.run(_plan_imbalance_stats):
+        assert 0 < peak <= budget + largest
+
+
+class _Mesh:
+    """Just what the planner reads of a DeviceMesh: its rank grid."""
+
+    def __init__(self, world):
+        self.mesh = torch.arange(world)
+        self.shape = (world,)
+        self.mesh_dim_names = ("dp_shard",)
+
+
+def llama_specs(world, layers=32, d=4096, kv=1024, ffn=14336):
+    mesh = _Mesh(world)
+    shapes = [("wq", (d, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, d)), ("w1", (ffn, d)), ("w3", (ffn, d)),
+              ("w2", (d, ffn))]
+    key = ("bfloat16",) + (tuple(dm.numerics.resolve_schedule("polar_express", 5).coefficients), 1.02, 1e-6)
+    return [
+        plan_mod.MatrixSpec(f"layers.{i}.{n}", dm.build_view(s), plan_mod.dtensor_layout(s, mesh, [Shard(0)], range(world)),
+                            key, "original", 2)
+        for i in range(layers) for n, s in shapes
+    ]
+
+
+def test_llama_plan_is_balanced_at_w4():
+    plan = plan_mod.build_plan(llama_specs(4), 4, bucket_bytes=1 << 30)
+    assert plan.imbalance() <= 1.1, plan.describe()
+    per_bucket = plan.assembled_bytes_per_bucket()
+    largest = max(m.nbytes for m in plan.matrices)
+    for b in range(len(per_bucket) - 1):
+        if plan.overlap[b]:
+            assert all(x + y <= plan.bucket_bytes + largest for x, y in zip(per_bucket[b], per_bucket[b + 1]))
+
+
+def test_round_robin_is_available_and_less_balanced_on_mixed_shapes():
+    rr = plan_mod.build_plan(llama_specs(4, layers=4), 4, bucket_bytes=1 << 30, owner_policy="round_robin")
+    balanced = plan_mod.build_plan(llama_specs(4, layers=4), 4, bucket_bytes=1 << 30)
+    assert balanced.imbalance() <= rr.imbalance()
+
+
+def _disagreeing_optimizer(kind):
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    entries = layouts.fsdp_entries(4)
+    groups = layouts.groups_for(entries, [e.param for e in entries], {})
+    lr = 0.02
+    if kind == "lr" and rank == 2:
+        lr = 0.03
+    if kind == "view" and rank == 1:
+        groups[3]["split_sizes"] = (10, 5, 5)
+    if kind == "params" and rank == 3:
+        groups = groups[:-1]
+    dm.DistMuon(groups, lr=lr)
+    return "built"
+
+
+@pytest.mark.parametrize("kind, match", [("lr", "lr"), ("view", "fsdp.qkv"), ("params", "disagree")])
+def test_ranks_with_different_configurations_raise_not_hang(pool, kind, match):
+    with pytest.raises(RankFailure) as info:
+        pool.run(_disagreeing_optimizer, kind, timeout=60)
+    assert len(info.value.failures) == 4, "every rank must raise"
+    assert all("RankDisagreement" in msg and match in msg for msg in info.value.failures.values())
