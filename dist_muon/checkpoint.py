@@ -28,7 +28,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -190,13 +190,15 @@ def save_checkpoint(
     lr_schedulers: Sequence[Any] = (),
     extra: Optional[dict] = None,
     keep_last: Optional[int] = None,
+    on_written: Optional[Callable[[str], None]] = None,
 ) -> str:
     """Save model + optimizer (+ LR schedulers, + picklable ``extra``) as ``root/step-N``; collective.
 
     Written to ``step-N.tmp``; after ``dcp.save`` returned on every rank, the files are hashed into
     the ``COMPLETE.json`` manifest and the directory is renamed atomically to ``step-N``. A crash
     at any point before the rename leaves only a ``.tmp`` directory, which resume ignores.
-    ``keep_last`` deletes older complete checkpoints, keeping that many.
+    ``keep_last`` deletes older complete checkpoints, keeping that many. ``on_written(tmp_path)`` runs
+    on every rank after its ``dcp.save`` returned and before the commit (a hook for fault injection).
     """
     final = step_path(root, step)
     tmp = final + ".tmp"
@@ -209,6 +211,8 @@ def save_checkpoint(
     state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
     state["train_state"] = {"step": int(step), "world_size": _world(), "extra": extra or {}}
     dcp.save(state, checkpoint_id=tmp)
+    if on_written is not None:
+        on_written(tmp)
     _barrier()  # dcp.save returned on every rank (its own finish step already synchronised metadata)
     manifest = {
         "format": FORMAT_VERSION,
@@ -446,3 +450,56 @@ def resume(
     if path is None:
         return 0
     return int(load_checkpoint(path, model, optimizer, lr_schedulers=lr_schedulers, verify=verify)["step"])
+
+
+# ----------------------------------------------------------------------------- torch-format state dicts
+
+
+def check_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Raise ValueError, naming the parameter, unless ``state_dict`` (torch.optim format) fits ``optimizer``.
+
+    Used by ``DistMuon.load_state_dict`` before ``torch.optim.Optimizer.load_state_dict``: same
+    groups and sizes, same parameter names (when saved), same algorithm and view options per
+    group, every parameter's state present with the algorithm's keys and the same global shapes.
+    Hyperparameters may differ: the saved values win (torch.optim semantics).
+    """
+    try:
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not an optimizer state dict (needs 'state' and 'param_groups'): {e}") from None
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer {len(groups)} "
+                         "(was the model routed differently?)")
+    for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
+        names = list(group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))])
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"param group {gi} ({names[0] if names else 'empty'}, …): {len(saved['params'])} "
+                             f"parameters in the state dict, {len(group['params'])} in this optimizer")
+        saved_names = saved.get("param_names")
+        if saved_names is not None and list(saved_names) != names:
+            i = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+            raise ValueError(f"param group {gi}: parameter {i} is {saved_names[i]!r} in the state dict but "
+                             f"{names[i]!r} in this optimizer")
+        for key in STRUCTURAL_GROUP_KEYS:
+            if key in saved and _normal(saved.get(key)) != _normal(group.get(key)):
+                what = "routed to" if key == "algorithm" else f"{key}="
+                raise ValueError(f"{names[0]}: {what}{saved.get(key)!r} in the state dict but {group.get(key)!r} "
+                                 f"in this optimizer (param group {gi}; parameters {names})")
+        for index, p, name in zip(saved["params"], group["params"], names):
+            ours = {k: v for k, v in optimizer.state.get(p, {}).items() if not k.startswith("_")}
+            theirs = saved_state.get(index)
+            if theirs is None:
+                if ours:
+                    raise ValueError(f"{name}: no optimizer state in the state dict (expected {sorted(ours)})")
+                continue
+            if set(theirs) != set(ours):
+                then, now = algorithm_of_keys(theirs), algorithm_of_keys(ours)
+                detail = (f"routed to {then!r} in the state dict but {now!r} now" if then and now and then != now
+                          else "state keys differ")
+                raise ValueError(f"{name}: {detail}: saved {sorted(theirs)}, expected {sorted(ours)}")
+            for k, v in ours.items():
+                t = theirs[k]
+                if isinstance(v, torch.Tensor) and isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(v.shape):
+                    raise ValueError(f"{name}: optimizer state {k!r} has shape {tuple(t.shape)} in the state dict "
+                                     f"but {tuple(v.shape)} now")

@@ -39,22 +39,22 @@ def check_group_keys(options: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
 
 
-def _vocab_sizes(model: nn.Module) -> set[int]:
-    return {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+def _vocabulary_head(model: nn.Module) -> Optional[nn.Module]:
+    """The last Linear projecting onto an embedding's vocabulary (a hidden Linear that merely has
+    the vocabulary's width is not the last one)."""
+    vocab_sizes = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears and linears[-1].out_features in vocab_sizes else None
 
 
-def default_algorithm(name: str, param: torch.Tensor, module: nn.Module, vocab_sizes: set[int]) -> str:
+def default_algorithm(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module]) -> str:
     """Embeddings, the vocabulary head, non-matrices and tagged parameters go to AdamW."""
     if param.ndim < 2 or getattr(param, "skip_orthogonalization", False):
         return "adamw"
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding) or module is head:
         return "adamw"
-    is_head_by_shape = isinstance(module, nn.Linear) and module.out_features in vocab_sizes
     module_name = name.rpartition(".")[0]
-    is_head_by_name = module_name.rpartition(".")[2] in _HEAD_NAMES
-    if is_head_by_shape or is_head_by_name:
-        return "adamw"
-    return "muon"
+    return "adamw" if module_name.rpartition(".")[2] in _HEAD_NAMES else "muon"
 
 
 def _owning_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -94,14 +94,14 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), **overri
         raise ValueError("build_param_groups overrides cannot set 'params' or 'param_names'")
 
     owners = _owning_modules(model)
-    vocab_sizes = _vocab_sizes(model)
+    head = _vocabulary_head(model)
     groups: dict[tuple, dict] = {}
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         name = canonical_fqn(raw_name)
         options = {**overrides, **_match_rule(name, rules)}
-        options.setdefault("algorithm", default_algorithm(name, param, owners[id(param)], vocab_sizes))
+        options.setdefault("algorithm", default_algorithm(name, param, owners[id(param)], head))
         if options["algorithm"] == "adamw":
             options = {k: v for k, v in options.items() if k not in VIEW_KEYS}
         key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))

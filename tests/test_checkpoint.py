@@ -471,3 +471,46 @@ def test_dcp_init_step_leaves_params_and_state_untouched(pool2):
     muown = {k for k in changed_by_step if "gate.weight" in k and k not in counters}
     assert set(changed_by_step) == counters | muown, changed_by_step
     assert all(changed_by_step[k] < 1e-6 for k in muown), changed_by_step
+
+
+# ----------------------------------------------------------------------------- DistMuon.load_state_dict (torch format)
+
+
+def test_load_state_dict_validates_then_loads():
+    model = make_model()
+    opt, sched = make_optimizer(model)
+    train_steps(model, opt, sched, 0, 2)
+    sd = opt.state_dict()
+    # a fresh optimizer with a different constructor lr: the saved values win, state is loaded
+    fresh_model = make_model()
+    fresh, _ = make_optimizer(fresh_model, lr=0.5, adamw_lr=0.5)
+    fresh.load_state_dict(sd)
+    assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in opt.param_groups]
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, fresh.state[q][k]), k
+    # different routing: down.weight muon → adamw
+    import dist_muon as dm
+
+    other = make_model()
+    rerouted = dm.DistMuon(dm.build_param_groups(other, rules=((r"^down\.weight$", {"algorithm": "adamw"}),)), **FP32)
+    before = {k: v.clone() for k, v in rerouted.state[other.down.weight].items()}
+    with pytest.raises(ValueError, match=r"param group|down\.weight|routed"):
+        rerouted.load_state_dict(sd)
+    assert all(torch.equal(v, rerouted.state[other.down.weight][k]) for k, v in before.items())
+    # same groups, but one parameter's state is missing / has a different shape
+    bad = {"state": dict(sd["state"]), "param_groups": sd["param_groups"]}
+    index = sd["param_groups"][0]["params"][0]
+    name = sd["param_groups"][0]["param_names"][0]
+    del bad["state"][index]
+    with pytest.raises(ValueError, match=rf"{name}: no optimizer state"):
+        fresh.load_state_dict(bad)
+    bad["state"][index] = {k: (v[..., :1] if v.ndim else v) for k, v in sd["state"][index].items()}
+    with pytest.raises(ValueError, match=rf"{name}: optimizer state '.*' has shape"):
+        fresh.load_state_dict(bad)
+    # a state dict saved with the other routing: keys differ and the message says which algorithms
+    swapped = {"state": dict(sd["state"]), "param_groups": [dict(g) for g in sd["param_groups"]]}
+    muon = next(g for g in swapped["param_groups"] if g["algorithm"] == "muon")
+    swapped["state"][muon["params"][0]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(1), "exp_avg_sq": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"routed to 'adamw' in the state dict but 'muon' now"):
+        fresh.load_state_dict(swapped)

@@ -121,3 +121,15 @@ def test_rule_split_that_does_not_fit_names_the_parameter():
     groups = dm.build_param_groups(Transformer(), rules=[(r"wqkv", {"split_sizes": (16, 8)})])
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wqkv\.weight: split_sizes"):
         dm.DistMuon(groups, lr=0.02)
+
+
+def test_hidden_linear_with_vocabulary_width_is_not_the_head():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(32, 16)
+            self.fc1 = nn.Linear(16, 32)  # hidden width happens to equal the vocabulary size
+            self.proj = nn.Linear(32, 32)  # the real head: the last projection onto the vocabulary
+
+    table = _table(dm.build_param_groups(Toy()))
+    assert table["fc1.weight"][0] == "muon" and table["proj.weight"][0] == "adamw"

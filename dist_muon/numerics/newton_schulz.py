@@ -20,8 +20,8 @@ def as_dtype(dtype) -> torch.dtype:
 
 def normalize(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """Scale each matrix so its spectral norm is at most ~1; the Frobenius norm is taken in fp32."""
-    norm = torch.linalg.matrix_norm(X.float(), ord="fro", keepdim=True)
-    return (X.float() / (norm * schedule.norm_scale + schedule.eps)).to(X.dtype)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
+    return X * (1.0 / (norm * schedule.norm_scale + schedule.eps)).to(X.dtype)
 
 
 def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:

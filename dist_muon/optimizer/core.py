@@ -12,6 +12,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
 from ..numerics import muown as muown_math
+from ..routing import VIEW_KEYS
 from ..plan import MatrixSpec, Plan, build_plan, layout_of, local_schedule, spec_fingerprint
 from .groups import (
     MATRIX_ALGORITHMS,
@@ -141,9 +142,10 @@ class DistMuon(torch.optim.Optimizer):
         return out
 
     def _current_plan_key(self) -> tuple:
+        """Everything the plan depends on, cheap to compute every step (a change rebuilds the plan)."""
         return tuple(
-            (id(p), group["algorithm"], schedule_key(group), group["adjust_lr"], str(view_of(group, p, name).regions))
-            for _, group, _, p, name in self._matrix_params()
+            (id(p), group["algorithm"], schedule_key(group), group["adjust_lr"], *(repr(group[k]) for k in VIEW_KEYS))
+            for _, group, _, p, _ in self._matrix_params()
         )
 
     def _ensure_plan(self) -> Plan:
@@ -241,21 +243,20 @@ class DistMuon(torch.optim.Optimizer):
         Returns None when the step must be skipped.
         """
         params = [p for g in self.param_groups for p in g["params"]]
-        flags = []
-        nonfinite = torch.zeros((), dtype=torch.float32, device=self._device)
+        flags, local_grads = [], []
         for p in params:
+            flags.append(float(p.grad is not None))
             if p.grad is None:
-                flags.append(0.0)
                 continue
             if p.grad.is_sparse:
                 raise ValueError(f"{self._name_of(p)}: sparse gradients are not supported by DistMuon")
             if p.grad.is_complex():
                 raise ValueError(f"{self._name_of(p)}: complex gradients are not supported by DistMuon")
-            flags.append(1.0)
-            g = comm.local_tensor(p.grad)
-            if g.numel():
-                nonfinite += (~torch.isfinite(g)).sum()
-        vector = torch.cat([torch.tensor(flags, dtype=torch.float32, device=self._device), nonfinite.view(1)])
+            local_grads.append(comm.local_tensor(p.grad))
+        # A norm is inf/NaN exactly when some element is: one fused reduction instead of isfinite per tensor.
+        norms = torch._foreach_norm(local_grads, 2, dtype=torch.float32) if local_grads else []
+        nonfinite = (~torch.isfinite(torch.stack(norms))).sum().float().view(1) if norms else torch.zeros(1)
+        vector = torch.cat([torch.tensor(flags, dtype=torch.float32), nonfinite.cpu()]).to(self._device)
         if self._comm.group is not None:
             dist.all_reduce(vector, group=self._comm.group)
         vector = vector.cpu()
@@ -268,7 +269,7 @@ class DistMuon(torch.optim.Optimizer):
                 "every rank must run backward through the same parameters"
             )
         if bad:
-            message = f"DistMuon: {int(bad)} non-finite gradient values this step"
+            message = f"DistMuon: non-finite gradients in {int(bad)} tensor(s) this step"
             if self.nonfinite_grad == "raise":
                 raise FloatingPointError(message + "; set nonfinite_grad='skip' to skip such steps instead")
             warnings.warn(message + "; the step was skipped (parameters and state unchanged)", stacklevel=3)
@@ -358,6 +359,20 @@ class DistMuon(torch.optim.Optimizer):
             W_new = W_new - lr * wd * W_old
             g.copy_(_settled(muown_math.row_norms(W_new, dims)))
         p.copy_(W_new.to(p.dtype))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim`` semantics (the saved param-group hyperparameters win), after validation.
+
+        Raises ValueError naming the parameter when the saved state does not fit this optimizer:
+        different groups, parameter names, algorithm (routing) or view options, missing state,
+        different state keys or shapes. Nothing is loaded unless everything fits.
+        """
+        from ..checkpoint import check_optimizer_state_dict
+
+        check_optimizer_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
 
 
 def _settled(t: torch.Tensor) -> torch.Tensor:
