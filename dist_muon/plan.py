@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -51,6 +53,25 @@ class Layout:
     runs: tuple[Optional[DimRuns], ...]
     replica_key: tuple[tuple[int, ...], ...]
     description: str
+
+    @functools.cached_property
+    def classes(self) -> tuple[tuple[DimRuns, tuple[int, ...]], ...]:
+        """Distinct index sets and the (replica) ranks holding each."""
+        by_runs: dict[DimRuns, list[int]] = {}
+        for rank, runs in enumerate(self.runs):
+            if runs is not None:
+                by_runs.setdefault(runs, []).append(rank)
+        return tuple((runs, tuple(holders)) for runs, holders in by_runs.items())
+
+    @functools.cached_property
+    def class_bounds(self) -> np.ndarray:
+        """[class, dim, (lo, hi)]: the global index range each class spans (empty classes: lo = hi)."""
+        bounds = np.zeros((len(self.classes), len(self.shape), 2), dtype=np.int64)
+        for c, (runs, _) in enumerate(self.classes):
+            for d, dim_runs in enumerate(runs):
+                if dim_runs:
+                    bounds[c, d] = (min(g for _, g, _ in dim_runs), max(g + n for _, g, n in dim_runs))
+        return bounds
 
     def local_shape(self, rank: int) -> tuple[int, ...]:
         runs = self.runs[rank]
@@ -119,8 +140,14 @@ def replicated_layout(shape: tuple[int, ...], world: int) -> Layout:
 
 def layout_of(param: torch.Tensor, group_ranks: Sequence[int]) -> Layout:
     if isinstance(param, DTensor):
-        return dtensor_layout(tuple(param.shape), param.device_mesh, param.placements, group_ranks)
+        return _cached_dtensor_layout(tuple(param.shape), param.device_mesh, tuple(param.placements), tuple(group_ranks))
     return replicated_layout(tuple(param.shape), len(group_ranks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_dtensor_layout(shape, mesh, placements, group_ranks) -> Layout:
+    """Many parameters share shape, mesh and placements (every layer of a model): compute once."""
+    return dtensor_layout(shape, mesh, placements, group_ranks)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -249,16 +276,17 @@ def ns_flops(m: int, n: int, steps: int) -> int:
     return steps * (4 * s * s * l + 2 * s * s * s)
 
 
-def _piece_sets(view: MatrixView, layout: Layout, region) -> tuple[PieceSet, ...]:
-    by_runs: dict[DimRuns, list[int]] = {}
-    for rank, runs in enumerate(layout.runs):
-        if runs is not None:
-            by_runs.setdefault(runs, []).append(rank)
+def _piece_sets(layout: Layout, region) -> tuple[PieceSet, ...]:
+    lo = np.array([a for a, _ in region])
+    hi = np.array([b for _, b in region])
+    bounds = layout.class_bounds
+    touching = np.nonzero(((bounds[:, :, 0] < hi) & (bounds[:, :, 1] > lo)).all(axis=1))[0]
     sets = []
-    for runs, holders in by_runs.items():
+    for c in touching.tolist():
+        runs, holders = layout.classes[c]
         blocks = tuple(b for b in blocks_of(region, runs) if b.numel)
         if blocks:
-            sets.append(PieceSet(tuple(holders), blocks))
+            sets.append(PieceSet(holders, blocks))
     return tuple(sets)
 
 
@@ -304,8 +332,13 @@ def _cut_buckets(matrices: Sequence[Matrix], keys: Sequence[tuple], world: int, 
     """
     half = max(1, budget // 2)
     buckets: list[tuple[int, ...]] = []
+    owned: dict[tuple, list[int]] = {}
+    for i, m in enumerate(matrices):
+        owned.setdefault((keys[i], m.owner), []).append(i)
     for key in dict.fromkeys(keys):
-        queues = [collections.deque(i for i, m in enumerate(matrices) if m.owner == r and keys[i] == key) for r in range(world)]
+        # Same-shape matrices next to each other, so a bucket batches them into one NS call.
+        queues = [collections.deque(sorted(owned.get((key, r), ()), key=lambda i: (matrices[i].shape, i)))
+                  for r in range(world)]
         while any(queues):
             bucket = []
             for queue in queues:
@@ -332,7 +365,7 @@ def build_plan(specs: Sequence[MatrixSpec], world: int, *, bucket_bytes: int, ow
     for pi, spec in enumerate(specs):
         steps = len(spec.ns_key[1])
         for mi, (region, (m, n)) in enumerate(zip(spec.view.regions, spec.view.matrix_shapes)):
-            pieces = _piece_sets(spec.view, spec.layout, region)
+            pieces = _piece_sets(spec.layout, region)
             eligible = sorted({h for ps in pieces for h in ps.holders})
             if not eligible:
                 raise ValueError(f"{spec.name}: matrix {mi} is held by no rank; the layout {spec.layout.description} is inconsistent")
