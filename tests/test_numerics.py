@@ -63,3 +63,13 @@ def test_norm_is_taken_in_fp32():
 def test_bad_numerics_options_raise(bad):
     with pytest.raises(ValueError):
         dm.orthogonalize(torch.randn(4, 4), **bad)
+
+
+def test_compiled_loop_matches_eager():
+    import torch._dynamo
+
+    X = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = dm.numerics.orthogonalize_with(X, dm.numerics.resolve_schedule("polar_express", 5), torch.float32,
+                                              compiled=True)
+    torch.testing.assert_close(compiled, dm.orthogonalize(X, dtype=torch.float32), rtol=1e-5, atol=1e-6)

@@ -259,3 +259,13 @@ def test_bad_input_types():
     w.grad = torch.randn(4, 4).to_sparse()
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
+
+
+def test_compile_ns_option_gives_the_same_step():
+    a, b = _params((2, 16, 24)), _params((2, 16, 24))
+    kw = dict(lr=0.05, ns_dtype=torch.float32)
+    opt_a = dm.DistMuon([{"params": a}], compile_ns=True, **kw)
+    opt_b = dm.DistMuon([{"params": b}], **kw)
+    _set_grads(a, _grads(a, 0)), _set_grads(b, _grads(b, 0))
+    opt_a.step(), opt_b.step()
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)

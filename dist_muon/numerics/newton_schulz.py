@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .schedules import Method, Schedule, resolve_schedule
@@ -24,13 +26,8 @@ def normalize(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     return X * (1.0 / (norm * schedule.norm_scale + schedule.eps)).to(X.dtype)
 
 
-def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+def torch_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, for wide X (rows ≤ cols)."""
-    if X.is_cuda:  # symmetric Triton kernels; DIST_MUON_DISABLE_TRITON=1 keeps the torch path
-        from . import triton_kernels
-
-        if triton_kernels.use_triton(X):
-            return triton_kernels.newton_schulz_iterations_triton(X, schedule.coefficients)
     for a, b, c in schedule.coefficients:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
@@ -38,7 +35,23 @@ def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tenso
     return X
 
 
-def orthogonalize_with(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype) -> torch.Tensor:
+@functools.cache
+def compiled_torch_iterations():
+    """torch.compile of the torch loop, made once on first use (shapes are static per bucket)."""
+    return torch.compile(torch_iterations, dynamic=False)
+
+
+def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule, *, compiled: bool = False) -> torch.Tensor:
+    """The NS loop: symmetric Triton kernels on CUDA when available, else torch (optionally compiled)."""
+    if X.is_cuda:  # symmetric Triton kernels; DIST_MUON_DISABLE_TRITON=1 keeps the torch path
+        from . import triton_kernels
+
+        if triton_kernels.use_triton(X):
+            return triton_kernels.newton_schulz_iterations_triton(X, schedule.coefficients)
+    return (compiled_torch_iterations() if compiled else torch_iterations)(X, schedule)
+
+
+def orthogonalize_with(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype, *, compiled: bool = False) -> torch.Tensor:
     """NS(X) for X of shape [..., m, n], computed in ``dtype``; returns ``dtype``."""
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs X of shape [..., m, n], got {tuple(X.shape)}")
@@ -50,7 +63,7 @@ def orthogonalize_with(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype) 
     Y = Y.reshape(-1, *Y.shape[-2:]) if Y.ndim != 3 else Y
     if Y.size(0) == 1:
         Y = Y[0]
-    Y = newton_schulz_iterations(normalize(Y, schedule), schedule)
+    Y = newton_schulz_iterations(normalize(Y, schedule), schedule, compiled=compiled)
     Y = Y.reshape(*batch_shape, *Y.shape[-2:])
     return Y.mT if tall else Y
 

@@ -49,6 +49,8 @@ class DistMuon(torch.optim.Optimizer):
         owner_policy: "balanced" (by Newton–Schulz FLOPs) or "round_robin".
         bucket_bytes: budget for whole matrices a rank assembles at once (two buckets in flight).
         nonfinite_grad: "raise" or "skip" (skip the whole step, with a warning) on inf/NaN gradients.
+        compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
+            docs/benchmarks.md; the Triton kernels are used on CUDA either way).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class DistMuon(torch.optim.Optimizer):
         owner_policy: str = "balanced",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         nonfinite_grad: str = "raise",
+        compile_ns: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -82,6 +85,7 @@ class DistMuon(torch.optim.Optimizer):
         self.nonfinite_grad = check_policy(nonfinite_grad)
         self.owner_policy = owner_policy
         self.bucket_bytes = bucket_bytes
+        self.compile_ns = bool(compile_ns)
         self._plan: Optional[Plan] = None
         self._plan_key: Optional[tuple] = None
         self.last_step_stats: Optional[StepStats] = None
@@ -173,7 +177,7 @@ class DistMuon(torch.optim.Optimizer):
         plan = build_plan(specs, self._comm.world, bucket_bytes=self.bucket_bytes, owner_policy=self.owner_policy)
         self._check_ranks_agree(plan, specs)
         self._plan, self._plan_key = plan, key
-        self._runner = BucketRunner(plan, local_schedule(plan, self._comm.rank), self._comm, self._device)
+        self._runner = BucketRunner(plan, local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns)
         return plan
 
     def _agreement_record(self, specs) -> dict:

@@ -103,8 +103,10 @@ def _allocate_owned(plan: Plan, sched: BucketSchedule, dtype: torch.dtype, devic
 class BucketRunner:
     """Runs every bucket of a plan for one rank and one step."""
 
-    def __init__(self, plan: Plan, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device):
+    def __init__(self, plan: Plan, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device,
+                 compile_ns: bool = False):
         self.plan, self.schedules, self.group, self.device = plan, schedules, group, device
+        self.compile_ns = compile_ns
         self.dtypes = [self._bucket_dtype(b) for b in range(len(schedules))]
         self.schedule_of = [self._bucket_schedule(b) for b in range(len(schedules))]
 
@@ -172,7 +174,7 @@ class BucketRunner:
         t0 = time.perf_counter()
         schedule, dtype = self.schedule_of[b], self.dtypes[b]
         for shape, stack in owned.stacks.items():
-            result = newton_schulz.orthogonalize_with(stack, schedule, dtype)
+            result = newton_schulz.orthogonalize_with(stack, schedule, dtype, compiled=self.compile_ns)
             stack.copy_(result.mul_(owned.scales[shape].view(-1, 1, 1)))
         stats.ns_seconds += time.perf_counter() - t0
         stats.matrices_owned += len(self.schedules[b].owned)
