@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .plan import BoxPiece, LocalPiece, Slices
+from .plan import Slices
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from harness import DistributedPool, RankFailure
 
 FP32 = dict(lr=0.05, weight_decay=0.1, adamw_lr=0.01, ns_dtype=torch.float32, bucket_bytes=4096)
 RULES = ((r"^gate\.weight$", {"algorithm": "muown"}), (r"^head\.weight$", {"lr": 0.02}))
@@ -161,20 +160,6 @@ def assert_close(got: dict, want: dict, tol=TOL) -> None:
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def pool4():
-    pool = DistributedPool(4)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="module")
-def pool2():
-    pool = DistributedPool(2)
-    yield pool
-    pool.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """The distributed engine's own guarantees: whole matrices only, each once; balance; memory; agreement."""
 
-import types
-
 import pytest
 import torch
 from torch.distributed.tensor import Shard
@@ -9,44 +7,36 @@ from torch.distributed.tensor import Shard
 import dist_muon as dm
 import layouts
 from dist_muon import plan as plan_mod
-from harness import DistributedPool, RankFailure
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = DistributedPool(4)
-    yield p
-    p.close()
+from harness import RankFailure
 
 
 def _record_numerics_inputs():
-    """Run one step on every layout; return what reached the Newton–Schulz entry point on this rank."""
+    """One step on every layout, then the single-process reference; returns what reached the
+    Newton–Schulz entry point on this rank, and how many of those (the last ones) were the reference's."""
     from dist_muon.numerics import newton_schulz
 
     seen = []
     original = newton_schulz.orthogonalize_with
 
-    def recording(X, schedule, dtype):
+    def recording(X, schedule, dtype, **kwargs):
         assert not isinstance(X, torch.distributed.tensor.DTensor), "NS must never run on a DTensor"
         seen.extend(x.clone() for x in X.reshape(-1, *X.shape[-2:]))
-        return original(X, schedule, dtype)
+        return original(X, schedule, dtype, **kwargs)
 
-    entries = layouts.kitchen_sink(4)
     newton_schulz.orthogonalize_with = recording
     try:
-        layouts.run_both(entries, steps=1, common={"ns_dtype": torch.float32}, lr=0.05, bucket_bytes=2048)
+        _, ref, _ = layouts.run_both(layouts.kitchen_sink(4), steps=1, common={"ns_dtype": torch.float32}, lr=0.05,
+                                     bucket_bytes=2048)
     finally:
         newton_schulz.orthogonalize_with = original
-    return seen
+    return seen, len(ref.plan.matrices)
 
 
-def test_every_matrix_is_orthogonalized_whole_and_exactly_once(pool):
-    # Each rank's pool.run also steps a single-process reference: its inputs (the whole matrices, computed
-    # from full tensors) are recorded on every rank. The distributed inputs are the rest.
-    per_rank = pool.run(_record_numerics_inputs)
-    entries_count = _reference_matrix_count()
-    distributed = [x for seen in per_rank for x in seen[: len(seen) - entries_count]]
-    reference = per_rank[0][len(per_rank[0]) - entries_count:]
+def test_every_matrix_is_orthogonalized_whole_and_exactly_once(pool4):
+    per_rank = pool4.run(_record_numerics_inputs)
+    n_reference = per_rank[0][1]
+    reference = per_rank[0][0][-n_reference:]  # whole matrices of the single-process step, from full tensors
+    distributed = [x for seen, n in per_rank for x in seen[:-n]]
     assert len(distributed) == len(reference)
     unmatched = list(range(len(reference)))
     for x in distributed:
@@ -56,20 +46,15 @@ def test_every_matrix_is_orthogonalized_whole_and_exactly_once(pool):
     assert not unmatched
 
 
-def _reference_matrix_count():
-    shapes = {"fsdp": [1, 1, 1, 3, 3, 3, 4, 1, 0, 1, 2, 1], "hsdp": [1, 1, 3, 0, 1], "tp": [1, 1, 3], "ep": [4, 2, 2]}
-    return sum(sum(v) for v in shapes.values())
-
-
-def _plan_imbalance_stats():
+def _memory_stats():
     entries = layouts.kitchen_sink(4)
     opt, _, _ = layouts.run_both(entries, steps=1, lr=0.05, bucket_bytes=2048)
     largest = max(m.nbytes for m in opt.plan.matrices)
     return opt.last_step_stats.peak_assembled_bytes, opt.bucket_bytes, largest
 
 
-def test_assembled_memory_stays_within_the_bucket_budget(pool):
-    for peak, budget, largest in pool.run(_plan_imbalance_stats):
+def test_assembled_memory_stays_within_the_bucket_budget(pool4):
+    for peak, budget, largest in pool4.run(_memory_stats):
         assert 0 < peak <= budget + largest
 
 
@@ -128,8 +113,8 @@ def _disagreeing_optimizer(kind):
 
 
 @pytest.mark.parametrize("kind, match", [("lr", "lr"), ("view", "fsdp.qkv"), ("params", "disagree")])
-def test_ranks_with_different_configurations_raise_not_hang(pool, kind, match):
+def test_ranks_with_different_configurations_raise_not_hang(pool4, kind, match):
     with pytest.raises(RankFailure) as info:
-        pool.run(_disagreeing_optimizer, kind, timeout=60)
+        pool4.run(_disagreeing_optimizer, kind, timeout=60)
     assert len(info.value.failures) == 4, "every rank must raise"
     assert all("RankDisagreement" in msg and match in msg for msg in info.value.failures.values())

@@ -1,7 +1,6 @@
 """DistMuon on one process: the update rule, AdamW groups, views, API behaviour, bad input."""
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -4,23 +4,8 @@ import pytest
 import torch
 
 import layouts
-from harness import DistributedPool
 
 FP32 = {"ns_dtype": torch.float32}
-
-
-@pytest.fixture(scope="module")
-def pool4():
-    pool = DistributedPool(4)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="module")
-def pool2():
-    pool = DistributedPool(2)
-    yield pool
-    pool.close()
 
 
 def _kitchen_sink_errors(world, common, kwargs):

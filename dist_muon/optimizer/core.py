@@ -18,7 +18,6 @@ from .groups import (
     MATRIX_ALGORITHMS,
     check_policy,
     complete_group,
-    group_label,
     normalize_param_groups,
     view_of,
 )
