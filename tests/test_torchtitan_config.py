@@ -71,13 +71,14 @@ def test_cli_overrides_every_field():
         "--optimizer.adamw_lr", "0.001", "--optimizer.adamw_weight_decay", "0.0",
         "--optimizer.beta1", "0.8", "--optimizer.beta2", "0.99", "--optimizer.eps", "1e-10",
         "--optimizer.owner_policy", "round_robin", "--optimizer.bucket_bytes", "1048576",
-        "--optimizer.nonfinite_grad", "skip", "--optimizer.rules", rules, "--optimizer.no-log_routing",
+        "--optimizer.nonfinite_grad", "skip", "--optimizer.compile_ns", "--optimizer.rules", rules,
+        "--optimizer.no-log_routing",
     )
     assert dm_titan.distmuon_kwargs(config.optimizer) == dict(
         lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic", ns_steps=6,
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
-        bucket_bytes=1048576,
+        compile_ns=True, bucket_bytes=1048576,
     )
     assert dm_titan.parse_rules(config.optimizer.rules) == [("attention\\.wq", {"lr": 0.01}),
                                                             ("norm", {"algorithm": "adamw"})]
@@ -143,6 +144,7 @@ def test_invalid_values_name_the_field(cli, field):
 
 
 @pytest.mark.parametrize("line, field", [('momentum = "high"', "momentum"), ("nesterov = 1", "nesterov"),
+                                         ('compile_ns = "yes"', "compile_ns"),
                                          ("ns_steps = 2.5", "ns_steps"), ("rules = 3", "rules")])
 def test_toml_values_are_type_checked(tmp_path, line, field):
     with pytest.raises(dm_titan.ConfigError, match=rf"\[optimizer\] {field}:"):

@@ -73,6 +73,7 @@ def wrap_build_optimizers(original):
             return original(model_parts, optimizer_config, parallel_dims, ft_manager=ft_manager)
 
     build.__wrapped__ = original
+    build.dist_muon_wrapped = True
     return build
 
 
@@ -126,4 +127,5 @@ def wrap_build_lr_schedulers(original):
         return schedulers
 
     build.__wrapped__ = original
+    build.dist_muon_wrapped = True
     return build

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Mapping, NoReturn
 
 import tyro
 from torchtitan.config import Optimizer as TorchtitanOptimizer
@@ -92,6 +92,9 @@ class DistMuonOptimizer(TorchtitanOptimizer):
     nonfinite_grad: str = "raise"
     """On inf/NaN gradients: "raise" or "skip" (skip the whole step with a warning)."""
 
+    compile_ns: bool = False
+    """torch.compile the torch Newton–Schulz loop (the CUDA Triton kernels are used either way)."""
+
     rules: RoutingRules = field(default_factory=list)
     """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
     (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
@@ -114,7 +117,7 @@ class ConfigError(ValueError):
     """An invalid ``[optimizer]`` setting; the message names the field."""
 
 
-def _fail(name: str, message: str) -> None:
+def _fail(name: str, message: str) -> NoReturn:
     raise ConfigError(f"[optimizer] {name}: {message}")
 
 
@@ -200,7 +203,7 @@ def validate(cfg) -> None:
     _check_number(cfg, "adamw_lr", 0, optional=True)
     _check_number(cfg, "adamw_weight_decay", 0, optional=True)
     _check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
-    for name in ("nesterov", "log_routing"):
+    for name in ("nesterov", "compile_ns", "log_routing"):
         _check_bool(cfg, name)
     for name in ("adjust_lr", "owner_policy", "nonfinite_grad"):
         _check_choice(cfg, name, choices[name])
@@ -268,6 +271,7 @@ def distmuon_kwargs(cfg) -> dict[str, Any]:
         adamw_weight_decay=None if cfg.adamw_weight_decay is None else float(cfg.adamw_weight_decay),
         owner_policy=cfg.owner_policy,
         nonfinite_grad=cfg.nonfinite_grad,
+        compile_ns=cfg.compile_ns,
     )
     if cfg.bucket_bytes is not None:
         kwargs["bucket_bytes"] = cfg.bucket_bytes

@@ -16,7 +16,7 @@ _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-modul
 
 def with_dist_muon(spec: tt_train_spec.TrainSpec) -> tt_train_spec.TrainSpec:
     """A copy of ``spec`` whose optimizer / LR-scheduler builders understand ``name = "DistMuon"``."""
-    if getattr(spec.build_optimizers_fn, "__wrapped__", None) is not None:
+    if getattr(spec.build_optimizers_fn, "dist_muon_wrapped", False):
         return spec
     return dataclasses.replace(
         spec,
@@ -62,19 +62,33 @@ class DistMuonTrainer(Trainer):
         super().__init__(job_config)
 
     def train_step(self, data_iterator):
-        # torchtitan logs only the first group's lr; DistMuon groups differ (Muon vs AdamW).
-        if self.metrics_processor.should_log(self.step):
+        log = self.metrics_processor.should_log(self.step)
+        if log:  # torchtitan logs only the first group's lr; DistMuon's groups differ
             logger.info(f"step {self.step:3d}  group lrs: {group_lrs(self.optimizers)}")
-        return super().train_step(data_iterator)
+        super().train_step(data_iterator)
+        if log and (stats := step_stats(self.optimizers)):
+            logger.info(f"step {self.step:3d}  DistMuon: {stats}")
 
 
 def group_lrs(optimizers) -> str:
     parts = []
     for i, opt in enumerate(optimizers):
-        for group in opt.param_groups:
-            label = group.get("algorithm", "group")
-            parts.append(f"{'' if len(optimizers) == 1 else f'{i}.'}{label}={group['lr']:.6g}")
+        prefix = "" if len(optimizers) == 1 else f"{i}."
+        parts += [f"{prefix}{g.get('algorithm', 'group')}={g['lr']:.6g}" for g in opt.param_groups]
     return " ".join(parts)
+
+
+def step_stats(optimizers) -> str:
+    """This rank's last DistMuon step: NS time and FLOPs, communication time and volume."""
+    stats = [s for opt in optimizers if (s := getattr(opt, "last_step_stats", None)) is not None]
+    if not stats:
+        return ""
+    total = {key: sum(getattr(s, key) for s in stats)
+             for key in ("matrices_owned", "ns_flops", "ns_seconds", "bytes_sent", "comm_seconds")}
+    return (
+        f"matrices owned {total['matrices_owned']}, NS {total['ns_flops'] / 1e9:.2f} GFLOP in "
+        f"{total['ns_seconds']:.3f}s, comm {total['bytes_sent'] / 2**20:.1f} MiB out in {total['comm_seconds']:.3f}s"
+    )
 
 
 def add_config_module(argv: list[str]) -> list[str]:
@@ -87,7 +101,10 @@ def add_config_module(argv: list[str]) -> list[str]:
 
 
 def _toml_config_module(argv: list[str]) -> str | None:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10, as in torchtitan
+        import tomli as tomllib
 
     path = None
     for i, arg in enumerate(argv):

@@ -1,0 +1,1 @@
+"""Entry points: ``torchrun -m launch.train``, ``launch/multinode.sh``, ``launch/slurm.sbatch``."""

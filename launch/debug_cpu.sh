@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The README's main job: the torchtitan llama3 debug model with DistMuon on 2 CPU ranks, end to end.
+# Trains steps 1-10 and writes a checkpoint, then a second run resumes from it and trains to step 20.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${DUMP_FOLDER:-./outputs/debug_cpu}
+rm -rf "$out"
+run() { torchrun --standalone --nproc_per_node 2 -m launch.train --job.config_file configs/debug_cpu.toml \
+          --job.dump_folder "$out" "$@"; }
+echo "== run 1: steps 1-10, checkpoint at step 10"
+run --training.steps 10
+echo "== run 2: resume from the step-10 checkpoint, train to step 20"
+run --training.steps 20
+ls "$out/checkpoint"
