@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,17 @@ class DistMuonOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, kwargs)
 
 
+@contextlib.contextmanager
+def _swapped(module, name: str, value):
+    """Temporarily rebind ``module.name`` (restored even if the call raises)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -69,7 +80,7 @@ def wrap_build_optimizers(original):
             return original(model_parts, optimizer_config, parallel_dims, ft_manager=ft_manager)
         if original is tt_optimizer.build_optimizers:
             return build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-        with mock.patch.object(tt_optimizer, "build_optimizers", build_dist_muon_optimizers):
+        with _swapped(tt_optimizer, "build_optimizers", build_dist_muon_optimizers):
             return original(model_parts, optimizer_config, parallel_dims, ft_manager=ft_manager)
 
     build.__wrapped__ = original
