@@ -136,25 +136,26 @@ class DistMuon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the plan
 
-    def _matrix_params(self) -> list[tuple[int, dict, int, torch.Tensor, str]]:
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            if group["algorithm"] in MATRIX_ALGORITHMS:
-                for i, (p, name) in enumerate(zip(group["params"], self._names(group, gi))):
-                    out.append((gi, group, i, p, name))
-        return out
+    def _matrix_params(self) -> list[tuple[dict, torch.Tensor, str]]:
+        """(group, parameter, name) of every Muon/Muown parameter, in plan order."""
+        return [
+            (group, p, name)
+            for gi, group in enumerate(self.param_groups) if group["algorithm"] in MATRIX_ALGORITHMS
+            for p, name in zip(group["params"], self._names(group, gi))
+        ]
 
     def _current_plan_key(self) -> tuple:
         """Everything the plan depends on, cheap to compute every step (a change rebuilds the plan)."""
         return tuple(
             (id(p), group["algorithm"], schedule_key(group), group["adjust_lr"], *(repr(group[k]) for k in VIEW_KEYS))
-            for _, group, _, p, _ in self._matrix_params()
+            for group, p, _ in self._matrix_params()
         )
 
     def _ensure_plan(self) -> Plan:
         key = self._current_plan_key()
         if key == self._plan_key:
             return self._plan
+        entries = self._matrix_params()
         specs = [
             MatrixSpec(
                 name=name,
@@ -162,11 +163,11 @@ class DistMuon(torch.optim.Optimizer):
                 layout=layout_of(p, self._comm.ranks),
                 ns_key=schedule_key(group),
                 adjust_lr=group["adjust_lr"],
-                itemsize=torch.empty((), dtype=group["ns_dtype"]).element_size(),
+                itemsize=group["ns_dtype"].itemsize,
             )
-            for _, group, _, p, name in self._matrix_params()
+            for group, p, name in entries
         ]
-        for spec, (_, _, _, p, _) in zip(specs, self._matrix_params()):
+        for spec, (_, p, _) in zip(specs, entries):
             expected = spec.layout.local_shape(self._comm.rank)
             if tuple(comm.local_tensor(p).shape) != expected:
                 raise ValueError(
@@ -234,7 +235,7 @@ class DistMuon(torch.optim.Optimizer):
                 self._adamw_step(group, has_grad)
         jobs = self._matrix_jobs(has_grad)
         self._runner.run(jobs, stats)
-        for (_, group, _, p, name), job in zip(self._matrix_params(), jobs):
+        for (group, p, name), job in zip(self._matrix_params(), jobs):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
                 self._muown_finish(group, p, name, job.output)
         return loss
@@ -306,7 +307,7 @@ class DistMuon(torch.optim.Optimizer):
     def _matrix_jobs(self, has_grad: dict[int, bool]) -> list[MatrixJob]:
         """Momentum and weight decay on local shards; the orthogonalization input is made lazily."""
         jobs = []
-        for _, group, _, p, name in self._matrix_params():
+        for group, p, name in self._matrix_params():
             local = comm.local_tensor(p)
             if not has_grad[id(p)]:
                 # No gradient: no update (as torch.optim), but the plan still moves this matrix (as zeros).
