@@ -70,24 +70,30 @@ def hsdp_entries(world: int, seed: int = 100) -> list[Entry]:
     return [Entry(f"hsdp.{n}", getattr(module, n), fulls[n], options.get(n, {})) for n in shapes]
 
 
+_TP_PLAN = {"up": ColwiseParallel(), "down": RowwiseParallel(), "qkv": ColwiseParallel(),
+            "gate": ColwiseParallel(), "proj": RowwiseParallel(), "muown_up": ColwiseParallel()}
+
+
 class _TPBlock(nn.Module):
     def __init__(self, seed: int):
         super().__init__()
-        self.up = nn.Linear(10, 12, bias=False)
-        self.down = nn.Linear(12, 10, bias=False)
-        self.qkv = nn.Linear(10, 16, bias=False)
-        for i, lin in enumerate((self.up, self.down, self.qkv)):
-            lin.weight.data.copy_(seeded(lin.weight.shape, seed + i))
+        shapes = {"up": (10, 12), "down": (12, 10), "qkv": (10, 16), "gate": (10, 12), "proj": (12, 10),
+                  "muown_up": (10, 12)}
+        for i, (name, (fan_in, fan_out)) in enumerate(shapes.items()):
+            setattr(self, name, nn.Linear(fan_in, fan_out, bias=False))
+            getattr(self, name).weight.data.copy_(seeded((fan_out, fan_in), seed + i))
 
 
 def tp_entries(world: int, seed: int = 200) -> list[Entry]:
-    """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, and a colwise fused QKV."""
+    """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, a colwise fused QKV, and
+    AdamW / Muown parameters on both (Muown's row norms span the TP-sharded dim for rowwise)."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     block = _TPBlock(seed)
     fulls = {n: p.detach().clone() for n, p in block.named_parameters()}
-    parallelize_module(block, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(), "qkv": ColwiseParallel()})
+    parallelize_module(block, mesh["tp"], _TP_PLAN)
     fully_shard(block, mesh=mesh["dp"])
-    options = {"qkv.weight": {"split_sizes": (8, 4, 4)}}
+    options = {"qkv.weight": {"split_sizes": (8, 4, 4)}, "gate.weight": {"algorithm": "adamw"},
+               "proj.weight": {"algorithm": "muown"}, "muown_up.weight": {"algorithm": "muown"}}
     return [Entry(f"tp.{n}", p, fulls[n], options.get(n, {})) for n, p in block.named_parameters()]
 
 
@@ -95,15 +101,17 @@ def ep_entries(world: int, seed: int = 300) -> list[Entry]:
     """Experts on their own ('efsdp', 'ep') mesh: sharded on the expert dim (no traffic) and on a matrix dim."""
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("efsdp", "ep"))
     cases = {
-        "experts_whole": ((4, 6, 8), [Shard(0), Shard(0)]),
-        "experts_rows": ((2, 6, 8), [Shard(1), Shard(0)]),
-        "experts_cols_ep_replicated": ((2, 8, 6), [Shard(2), Replicate()]),
+        "experts_whole": ((4, 6, 8), [Shard(0), Shard(0)], {}),
+        "experts_rows": ((2, 6, 8), [Shard(1), Shard(0)], {}),
+        "experts_cols_ep_replicated": ((2, 8, 6), [Shard(2), Replicate()], {}),
+        "experts_muown_cols": ((2, 6, 8), [Shard(2), Shard(0)], {"algorithm": "muown"}),
+        "experts_adamw": ((4, 6, 8), [Shard(1), Shard(0)], {"algorithm": "adamw"}),
     }
     out = []
-    for i, (name, (shape, placements)) in enumerate(cases.items()):
+    for i, (name, (shape, placements, options)) in enumerate(cases.items()):
         full = seeded(shape, seed + i)
         param = nn.Parameter(distribute_tensor(full.clone(), mesh, placements))
-        out.append(Entry(f"ep.{name}", param, full, {}))
+        out.append(Entry(f"ep.{name}", param, full, options))
     return out
 
 
