@@ -41,7 +41,7 @@ class MatrixView:
 
 
 def lr_scale(m: int, n: int, adjust_lr: Optional[str]) -> float:
-    """s(m, n) of DESIGN §2, from the matrix's own shape."""
+    """s(m, n) of docs/update_rule.md, from the matrix's own shape."""
     if adjust_lr == "original":
         return math.sqrt(max(1.0, m / n))
     if adjust_lr == "match_rms_adamw":

@@ -1,4 +1,4 @@
-"""An independent fp64 re-implementation of DESIGN.md §2, written from the text, for tests."""
+"""An independent fp64 re-implementation of the update rule (docs/update_rule.md), for tests."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class DistMuon(torch.optim.Optimizer):
 
     Every Muon parameter is a batch of matrices (see ``dist_muon.views``); each matrix is
     orthogonalized once, whole, by one owner rank, and the result is applied to every shard.
-    See DESIGN.md §2 for the exact update rule.
+    See docs/update_rule.md for the exact update rule.
 
     Args:
         params: param groups (``dm.build_param_groups(model)``), named parameters, or plain tensors.
