@@ -106,7 +106,13 @@ def _dim_indices(size: int, dim: int, ndim: int, placements, mesh_shape, coord) 
     return idx.reshape(-1).tolist()
 
 
-def dtensor_layout(shape: tuple[int, ...], mesh, placements, group_ranks: Sequence[int]) -> Layout:
+def dtensor_layout(shape: Sequence[int], mesh, placements: Sequence, group_ranks: Sequence[int]) -> Layout:
+    """Cached: every layer of a model shares shape, mesh and placements, so each layout is computed once."""
+    return _dtensor_layout(tuple(shape), mesh, tuple(placements), tuple(group_ranks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dtensor_layout(shape: tuple[int, ...], mesh, placements: tuple, group_ranks: tuple[int, ...]) -> Layout:
     for p in placements:
         if not (isinstance(p, (Shard, _StridedShard, Replicate))):
             raise ValueError(f"unsupported placement {p} for a parameter (expected Shard or Replicate)")
@@ -140,14 +146,8 @@ def replicated_layout(shape: tuple[int, ...], world: int) -> Layout:
 
 def layout_of(param: torch.Tensor, group_ranks: Sequence[int]) -> Layout:
     if isinstance(param, DTensor):
-        return _cached_dtensor_layout(tuple(param.shape), param.device_mesh, tuple(param.placements), tuple(group_ranks))
+        return dtensor_layout(param.shape, param.device_mesh, param.placements, group_ranks)
     return replicated_layout(tuple(param.shape), len(group_ranks))
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_dtensor_layout(shape, mesh, placements, group_ranks) -> Layout:
-    """Many parameters share shape, mesh and placements (every layer of a model): compute once."""
-    return dtensor_layout(shape, mesh, placements, group_ranks)
 
 
 # --------------------------------------------------------------------------- pieces

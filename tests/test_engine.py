@@ -7,6 +7,7 @@ from torch.distributed.tensor import Shard
 import dist_muon as dm
 import layouts
 from dist_muon import plan as plan_mod
+from benchmarks.plan_scale import RankGrid
 from harness import RankFailure
 
 
@@ -58,17 +59,8 @@ def test_assembled_memory_stays_within_the_bucket_budget(pool4):
         assert 0 < peak <= budget + largest
 
 
-class _Mesh:
-    """Just what the planner reads of a DeviceMesh: its rank grid."""
-
-    def __init__(self, world):
-        self.mesh = torch.arange(world)
-        self.shape = (world,)
-        self.mesh_dim_names = ("dp_shard",)
-
-
 def llama_specs(world, layers=32, d=4096, kv=1024, ffn=14336):
-    mesh = _Mesh(world)
+    mesh = RankGrid(world)
     shapes = [("wq", (d, d)), ("wk", (kv, d)), ("wv", (kv, d)), ("wo", (d, d)), ("w1", (ffn, d)), ("w3", (ffn, d)),
               ("w2", (d, ffn))]
     key = ("bfloat16",) + (tuple(dm.numerics.resolve_schedule("polar_express", 5).coefficients), 1.02, 1e-6)
