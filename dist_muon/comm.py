@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .plan import Slices
+from .plan import Slices, slices_numel, slices_shape
 
 
 @dataclass(frozen=True)
@@ -65,27 +64,19 @@ def as_slices(s: Slices) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in s)
 
 
-def piece_numel(s: Slices) -> int:
-    return math.prod(b - a for a, b in s)
-
-
-def _shape(s: Slices) -> tuple[int, ...]:
-    return tuple(b - a for a, b in s)
-
-
 def pack(
-    per_peer: Sequence[Sequence], source: Callable[[object], torch.Tensor], dtype: torch.dtype, device
-) -> tuple[torch.Tensor, list[int]]:
+    per_peer: Sequence[Sequence], counts: Sequence[int], source: Callable[[object], torch.Tensor],
+    dtype: torch.dtype, device,
+) -> torch.Tensor:
     """Concatenate, peer by peer, the pieces ``source(piece)`` into one flat buffer of ``dtype``."""
-    counts = [sum(piece_numel(p[1]) for p in pieces) for pieces in per_peer]
     flat = torch.empty(sum(counts), dtype=dtype, device=device)
     offset = 0
     for pieces in per_peer:
         for piece in pieces:
-            n = piece_numel(piece[1])
-            flat[offset : offset + n].view(_shape(piece[1])).copy_(source(piece))
+            n = slices_numel(piece[1])
+            flat[offset : offset + n].view(slices_shape(piece[1])).copy_(source(piece))
             offset += n
-    return flat, counts
+    return flat
 
 
 def unpack(flat: torch.Tensor, per_peer: Sequence[Sequence], sink: Callable[[object, torch.Tensor], None]) -> None:
@@ -93,8 +84,8 @@ def unpack(flat: torch.Tensor, per_peer: Sequence[Sequence], sink: Callable[[obj
     offset = 0
     for pieces in per_peer:
         for piece in pieces:
-            n = piece_numel(piece[1])
-            sink(piece, flat[offset : offset + n].view(_shape(piece[1])))
+            n = slices_numel(piece[1])
+            sink(piece, flat[offset : offset + n].view(slices_shape(piece[1])))
             offset += n
 
 

@@ -153,6 +153,14 @@ def layout_of(param: torch.Tensor, group_ranks: Sequence[int]) -> Layout:
 # --------------------------------------------------------------------------- pieces
 
 
+def slices_shape(s: Slices) -> tuple[int, ...]:
+    return tuple(b - a for a, b in s)
+
+
+def slices_numel(s: Slices) -> int:
+    return math.prod(slices_shape(s))
+
+
 @dataclass(frozen=True)
 class Block:
     """A rectangular piece: ``local`` indexes a holder's local tensor, ``box`` the matrix's box."""
@@ -162,11 +170,11 @@ class Block:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(b - a for a, b in self.box)
+        return slices_shape(self.box)
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return slices_numel(self.box)
 
 
 def _intersect(runs: tuple[Run, ...], start: int, stop: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -426,6 +434,27 @@ class BucketSchedule:
     params: tuple[int, ...]  # params whose local data this rank reads in this bucket
     fwd_moves: bool  # any piece crosses ranks on the way to owners (same answer on every rank)
     back_moves: bool  # any result crosses ranks on the way back
+
+    # Elements exchanged with each peer: fixed by the plan, so counted once here rather than every step.
+    @functools.cached_property
+    def fwd_send_counts(self) -> list[int]:
+        return _peer_counts(self.fwd_send)
+
+    @functools.cached_property
+    def fwd_recv_counts(self) -> list[int]:
+        return _peer_counts(self.fwd_recv)
+
+    @functools.cached_property
+    def back_send_counts(self) -> list[int]:
+        return _peer_counts(self.back_send)
+
+    @functools.cached_property
+    def back_recv_counts(self) -> list[int]:
+        return _peer_counts(self.back_recv)
+
+
+def _peer_counts(per_peer) -> list[int]:
+    return [sum(slices_numel(piece[1]) for piece in pieces) for pieces in per_peer]
 
 
 def local_schedule(plan: Plan, rank: int) -> tuple[BucketSchedule, ...]:

@@ -202,6 +202,9 @@ def test_plain_parameter_list_warns_and_routes_by_ndim():
     with pytest.warns(UserWarning, match="cannot be recognised"):
         opt = dm.DistMuon(params, lr=0.02)
     assert [g["algorithm"] for g in opt.param_groups] == ["muon", "adamw"]
+    with pytest.warns(UserWarning, match="cannot be recognised"):
+        named = dm.DistMuon([("w", params[0]), ("b", params[1])], lr=0.02)
+    assert [(g["algorithm"], g["param_names"]) for g in named.param_groups] == [("muon", ["w"]), ("adamw", ["b"])]
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -21,15 +21,22 @@ def group_label(group: Mapping[str, Any], index: int) -> str:
     return f"param group {index} ({names[0]}{', …' if len(names) > 1 else ''})" if names else f"param group {index}"
 
 
-def split_plain_params(params: list[torch.Tensor]) -> list[dict]:
+def split_by_ndim(params: list[torch.Tensor], names: Optional[list[str]] = None) -> list[dict]:
+    """Parameters without module types: ndim >= 2 to Muon, the rest to AdamW (names kept if given)."""
     warnings.warn(
-        "DistMuon got plain parameters without names: ndim >= 2 go to Muon, the rest to AdamW. Embeddings and "
+        "DistMuon got parameters without their modules: ndim >= 2 go to Muon, the rest to AdamW. Embeddings and "
         "the output head cannot be recognised this way; pass dm.build_param_groups(model) instead.",
-        stacklevel=3,
+        stacklevel=4,
     )
-    matrices = [p for p in params if p.ndim >= 2]
-    others = [p for p in params if p.ndim < 2]
-    return [g for g in ({"params": matrices, "algorithm": "muon"}, {"params": others, "algorithm": "adamw"}) if g["params"]]
+    groups = []
+    for algorithm, is_matrix in (("muon", True), ("adamw", False)):
+        chosen = [i for i, p in enumerate(params) if (p.ndim >= 2) == is_matrix]
+        if chosen:
+            group = {"params": [params[i] for i in chosen], "algorithm": algorithm}
+            if names is not None:
+                group["param_names"] = [names[i] for i in chosen]
+            groups.append(group)
+    return groups
 
 
 def normalize_param_groups(params: Iterable) -> list[dict]:
@@ -43,19 +50,8 @@ def normalize_param_groups(params: Iterable) -> list[dict]:
     if any(isinstance(x, Mapping) for x in items):
         raise TypeError("params must be all Tensors or all param-group dicts, not a mix")
     if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-        named = [{"params": [p for _, p in items], "param_names": [n for n, _ in items]}]
-        return _split_named(named[0])
-    return split_plain_params(items)
-
-
-def _split_named(group: dict) -> list[dict]:
-    """Named parameters without module types: ndim >= 2 to Muon, the rest to AdamW (names kept)."""
-    out = []
-    for algorithm, keep in (("muon", lambda p: p.ndim >= 2), ("adamw", lambda p: p.ndim < 2)):
-        pairs = [(n, p) for n, p in zip(group["param_names"], group["params"]) if keep(p)]
-        if pairs:
-            out.append({"params": [p for _, p in pairs], "param_names": [n for n, _ in pairs], "algorithm": algorithm})
-    return out
+        return split_by_ndim([p for _, p in items], [n for n, _ in items])
+    return split_by_ndim(items)
 
 
 def _check_number(label: str, key: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:

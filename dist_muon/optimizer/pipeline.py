@@ -147,8 +147,8 @@ class BucketRunner:
     def _start_forward(self, b: int, inputs: _Inputs, stats: StepStats) -> comm.Exchange:
         sched = self.schedules[b]
         source = lambda piece: inputs[piece[0]][comm.as_slices(piece[1])]  # noqa: E731
-        send, send_counts = comm.pack(sched.fwd_send, source, self.dtypes[b], self.device)
-        recv_counts = [sum(comm.piece_numel(box) for _, box in pieces) for pieces in sched.fwd_recv]
+        send_counts, recv_counts = sched.fwd_send_counts, sched.fwd_recv_counts
+        send = comm.pack(sched.fwd_send, send_counts, source, self.dtypes[b], self.device)
         itemsize = send.element_size()
         stats.bytes_sent += sum(send_counts) * itemsize
         stats.bytes_received += sum(recv_counts) * itemsize
@@ -185,11 +185,11 @@ class BucketRunner:
     def _start_back(self, b: int, owned: _Owned, jobs, stats: StepStats) -> comm.Exchange:
         sched = self.schedules[b]
         source = lambda piece: owned.boxes[piece[0]][comm.as_slices(piece[1])]  # noqa: E731
-        send, send_counts = comm.pack(sched.back_send, source, self.dtypes[b], self.device)
+        send_counts, recv_counts = sched.back_send_counts, sched.back_recv_counts
+        send = comm.pack(sched.back_send, send_counts, source, self.dtypes[b], self.device)
         for (slot, box), (param, local) in sched.back_local:
             job = jobs[param]
             job.output[comm.as_slices(local)].add_(owned.boxes[slot][comm.as_slices(box)], alpha=job.alpha)
-        recv_counts = [sum(comm.piece_numel(local) for _, local in pieces) for pieces in sched.back_recv]
         itemsize = send.element_size()
         stats.bytes_sent += sum(send_counts) * itemsize
         stats.bytes_received += sum(recv_counts) * itemsize
