@@ -1,6 +1,6 @@
 """Numerics: Newton–Schulz schedules and kernels on local tensors. No torch.distributed here."""
 
-from .newton_schulz import as_dtype, orthogonalize, orthogonalize_with
+from .newton_schulz import AUTO, as_dtype, check_ns_dtype, orthogonalize, orthogonalize_with, resolve_ns_dtype
 from .schedules import NAMED_METHODS, POLAR_EXPRESS, QUINTIC, Schedule, resolve_schedule
 
 __all__ = [
@@ -8,7 +8,10 @@ __all__ = [
     "POLAR_EXPRESS",
     "QUINTIC",
     "Schedule",
+    "AUTO",
     "as_dtype",
+    "check_ns_dtype",
+    "resolve_ns_dtype",
     "orthogonalize",
     "orthogonalize_with",
     "resolve_schedule",

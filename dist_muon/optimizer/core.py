@@ -12,6 +12,7 @@ from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
 from ..numerics import muown as muown_math
+from ..numerics import resolve_ns_dtype
 from ..routing import VIEW_KEYS
 from ..plan import MatrixSpec, Plan, build_plan, layout_of, local_schedule, spec_fingerprint
 from .groups import (
@@ -62,7 +63,7 @@ class DistMuon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         ns_method: Any = "polar_express",
         ns_steps: int = 5,
-        ns_dtype: Any = torch.bfloat16,
+        ns_dtype: Any = "auto",
         adjust_lr: Optional[str] = "original",
         adamw_lr: Optional[float] = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -147,7 +148,7 @@ class DistMuon(torch.optim.Optimizer):
     def _current_plan_key(self) -> tuple:
         """Everything the plan depends on, cheap to compute every step (a change rebuilds the plan)."""
         return tuple(
-            (id(p), group["algorithm"], schedule_key(group), group["adjust_lr"], *(repr(group[k]) for k in VIEW_KEYS))
+            (id(p), group["algorithm"], schedule_key(group, self._device), group["adjust_lr"], *(repr(group[k]) for k in VIEW_KEYS))
             for group, p, _ in self._matrix_params()
         )
 
@@ -161,9 +162,9 @@ class DistMuon(torch.optim.Optimizer):
                 name=name,
                 view=view_of(group, p, name),
                 layout=layout_of(p, self._comm.ranks),
-                ns_key=schedule_key(group),
+                ns_key=schedule_key(group, self._device),
                 adjust_lr=group["adjust_lr"],
-                itemsize=group["ns_dtype"].itemsize,
+                itemsize=resolve_ns_dtype(group["ns_dtype"], self._device).itemsize,
             )
             for group, p, name in entries
         ]

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from ..numerics import as_dtype, resolve_schedule
+from ..numerics import check_ns_dtype, resolve_schedule
 from ..routing import ALGORITHMS, VIEW_KEYS, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
 
@@ -139,7 +139,7 @@ def validate_hyperparameters(group: dict, label: str) -> None:
             raise ValueError(f"{label}: adjust_lr must be one of {ADJUST_LR}, got {group['adjust_lr']!r}")
         try:
             resolve_schedule(group["ns_method"], group["ns_steps"])
-            group["ns_dtype"] = as_dtype(group["ns_dtype"])
+            group["ns_dtype"] = check_ns_dtype(group["ns_dtype"])
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import comm
-from ..numerics import newton_schulz, resolve_schedule
+from ..numerics import newton_schulz, resolve_ns_dtype, resolve_schedule
 from ..plan import BucketSchedule, Plan
 
 
@@ -207,8 +207,8 @@ class BucketRunner:
         comm.unpack(recv, self.schedules[b].back_recv, apply)
 
 
-def schedule_key(group: dict) -> tuple:
+def schedule_key(group: dict, device) -> tuple:
     """What batches together in Newton–Schulz: compute dtype and the exact coefficient schedule."""
     schedule = resolve_schedule(group["ns_method"], group["ns_steps"])
-    dtype = group["ns_dtype"]
+    dtype = resolve_ns_dtype(group["ns_dtype"], device)
     return (str(dtype).removeprefix("torch."), schedule.coefficients, schedule.norm_scale, schedule.eps)

@@ -71,8 +71,8 @@ class DistMuonOptimizer(TorchtitanOptimizer):
     ns_steps: int = 5
     """Newton–Schulz iterations (the list length for a custom schedule)."""
 
-    ns_dtype: str = "bfloat16"
-    """Newton–Schulz compute dtype: "bfloat16", "float32" or "float16"."""
+    ns_dtype: str = "auto"
+    """Newton–Schulz compute dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32" or "float16"."""
 
     adjust_lr: str = "original"
     """Per-matrix lr scale: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2*sqrt(max(m, n))) or "none"."""
@@ -171,7 +171,7 @@ def _core_choices() -> dict[str, tuple]:
 
 
 def _check_schedule(cfg, choices: Mapping[str, tuple]) -> None:
-    from dist_muon.numerics import as_dtype, resolve_schedule
+    from dist_muon.numerics import check_ns_dtype, resolve_schedule
 
     _check_number(cfg, "ns_steps", 1, integer=True)
     if isinstance(cfg.ns_method, str):
@@ -183,7 +183,7 @@ def _check_schedule(cfg, choices: Mapping[str, tuple]) -> None:
     if not isinstance(cfg.ns_dtype, str):
         _fail("ns_dtype", f"expected a dtype name such as \"bfloat16\", got {cfg.ns_dtype!r}")
     try:
-        as_dtype(cfg.ns_dtype)
+        check_ns_dtype(cfg.ns_dtype)
     except (TypeError, ValueError) as e:
         _fail("ns_dtype", str(e))
 
