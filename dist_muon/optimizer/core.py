@@ -377,7 +377,28 @@ class DistMuon(torch.optim.Optimizer):
         from ..checkpoint import check_optimizer_state_dict
 
         check_optimizer_state_dict(self, state_dict)
-        super().load_state_dict(state_dict)
+        # torch.optim casts every floating state tensor to its parameter's dtype, which would turn
+        # Muown's fp32 statistics of a bf16 parameter into bf16. State is created eagerly, so the
+        # live state says each tensor's dtype: tensors torch would cast wrongly are loaded here.
+        own_dtype = self._state_kept_out_of_torch_cast(state_dict)
+        stripped = {pid: {k: v for k, v in st.items() if (pid, k) not in own_dtype} for pid, st in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": stripped})
+        for (_, key), (param, live_dtype, value) in own_dtype.items():
+            self.state[param][key] = value.to(device=param.device, dtype=live_dtype)
+
+    def _state_kept_out_of_torch_cast(self, state_dict: dict) -> dict:
+        """(saved param id, key) -> (param, dtype to keep, saved value) for floating state whose dtype
+        differs from its parameter's."""
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        live_params = [p for g in self.param_groups for p in g["params"]]
+        out = {}
+        for pid, param in zip(saved_ids, live_params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                live = self.state[param].get(key)
+                if (key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+                        and isinstance(live, torch.Tensor) and live.dtype != param.dtype):
+                    out[(pid, key)] = (param, live.dtype, value)
+        return out
 
 
 def _settled(t: torch.Tensor) -> torch.Tensor:
