@@ -1,15 +1,14 @@
-"""Moving pieces to their owners and results back: packing, uneven all-to-all, unpacking."""
+"""The ranks an optimizer talks to, and the uneven asynchronous all-to-all that moves pieces."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .plan import Slices, slices_numel, slices_shape
 
 
 @dataclass(frozen=True)
@@ -60,56 +59,13 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def as_slices(s: Slices) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in s)
+def all_to_all(comm: CommGroup, send: torch.Tensor, recv: torch.Tensor, send_counts: Sequence[int],
+               recv_counts: Sequence[int], moves: bool) -> Optional[dist.Work]:
+    """Uneven all-to-all into ``recv``, asynchronous; returns the work to wait for (None: nothing moves).
 
-
-def pack(
-    per_peer: Sequence[Sequence], counts: Sequence[int], source: Callable[[object], torch.Tensor],
-    dtype: torch.dtype, device,
-) -> torch.Tensor:
-    """Concatenate, peer by peer, the pieces ``source(piece)`` into one flat buffer of ``dtype``."""
-    flat = torch.empty(sum(counts), dtype=dtype, device=device)
-    offset = 0
-    for pieces in per_peer:
-        for piece in pieces:
-            n = slices_numel(piece[1])
-            flat[offset : offset + n].view(slices_shape(piece[1])).copy_(source(piece))
-            offset += n
-    return flat
-
-
-def unpack(flat: torch.Tensor, per_peer: Sequence[Sequence], sink: Callable[[object, torch.Tensor], None]) -> None:
-    """Hand every piece of ``flat`` (laid out as ``pack`` wrote it) to ``sink(piece, values)``."""
-    offset = 0
-    for pieces in per_peer:
-        for piece in pieces:
-            n = slices_numel(piece[1])
-            sink(piece, flat[offset : offset + n].view(slices_shape(piece[1])))
-            offset += n
-
-
-@dataclass
-class Exchange:
-    """An all-to-all in flight: ``wait()`` returns the received flat buffer."""
-
-    recv: torch.Tensor
-    work: Optional[object]
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        return self.recv
-
-
-def all_to_all(
-    comm: CommGroup, send: torch.Tensor, send_counts: list[int], recv_counts: list[int], moves: bool
-) -> Exchange:
-    """Uneven all-to-all, asynchronous. ``moves`` comes from the plan (identical on every rank):
-    when nothing crosses ranks in this bucket, no rank calls the collective."""
-    recv = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
+    ``moves`` comes from the plan and is identical on every rank: when nothing crosses ranks in a
+    bucket, no rank calls the collective.
+    """
     if comm.group is None or not moves:
-        return Exchange(recv, None)
-    work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=comm.group, async_op=True)
-    return Exchange(recv, work)
+        return None
+    return dist.all_to_all_single(recv, send, list(recv_counts), list(send_counts), group=comm.group, async_op=True)

@@ -1,6 +1,15 @@
 """Numerics: Newton–Schulz schedules and kernels on local tensors. No torch.distributed here."""
 
-from .newton_schulz import AUTO, as_dtype, check_ns_dtype, orthogonalize, orthogonalize_with, resolve_ns_dtype
+from .newton_schulz import (
+    AUTO,
+    NSKey,
+    as_dtype,
+    check_ns_dtype,
+    newton_schulz_,
+    orthogonalize,
+    orthogonalize_with,
+    resolve_ns_dtype,
+)
 from .schedules import NAMED_METHODS, POLAR_EXPRESS, QUINTIC, Schedule, resolve_schedule
 
 __all__ = [
@@ -9,9 +18,11 @@ __all__ = [
     "QUINTIC",
     "Schedule",
     "AUTO",
+    "NSKey",
     "as_dtype",
     "check_ns_dtype",
     "resolve_ns_dtype",
+    "newton_schulz_",
     "orthogonalize",
     "orthogonalize_with",
     "resolve_schedule",

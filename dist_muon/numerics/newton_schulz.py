@@ -1,13 +1,21 @@
-"""Newton–Schulz orthogonalization on local tensors (no torch.distributed here)."""
+"""Newton–Schulz orthogonalization on local tensors (no torch.distributed here).
+
+The engine runs NS in place on preallocated stacks (``newton_schulz_``): the input is
+normalised in place, two iterates alternate through ``out=`` matmuls, and the Gram matrices
+live in a reused workspace, so one call allocates nothing of the matrices' size.
+``orthogonalize`` is the same arithmetic on a fresh copy, for users and references.
+"""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from .schedules import Method, Schedule, resolve_schedule
 
+AUTO = "auto"
 
 
 def as_dtype(dtype) -> torch.dtype:
@@ -18,9 +26,6 @@ def as_dtype(dtype) -> torch.dtype:
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"ns_dtype must be \"auto\" or a floating torch dtype, got {dtype!r}")
     return resolved
-
-
-AUTO = "auto"
 
 
 def check_ns_dtype(dtype):
@@ -36,52 +41,122 @@ def resolve_ns_dtype(dtype, device) -> torch.dtype:
     return as_dtype(dtype)
 
 
-def normalize(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """Scale each matrix so its spectral norm is at most ~1; the Frobenius norm is taken in fp32."""
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    return X * (1.0 / (norm * schedule.norm_scale + schedule.eps)).to(X.dtype)
+@dataclass(frozen=True)
+class NSKey:
+    """What matrices must share to be orthogonalized in one batched call: compute dtype and schedule."""
+
+    dtype: torch.dtype
+    schedule: Schedule
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
 
 
-def torch_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, for wide X (rows ≤ cols)."""
-    for a, b, c in schedule.coefficients:
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else torch.addmm(X, B, X, beta=a)
+def gram_size(m: int, n: int) -> int:
+    """Side of the Gram matrix NS forms for an m×n matrix (the smaller dimension)."""
+    return min(m, n)
+
+
+def normalize_(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Scale each matrix of X ([k, m, n]) in place so its spectral norm is at most ~1.
+
+    The Frobenius norm is taken in fp32 at least; a zero matrix stays zero (eps keeps the factor finite).
+    """
+    dtype = torch.promote_types(X.dtype, torch.float32)
+    factor = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=dtype)
+    factor.mul_(schedule.norm_scale).add_(schedule.eps).reciprocal_()
+    return X.mul_(factor)
+
+
+def _use_triton(X: torch.Tensor) -> bool:
+    if not X.is_cuda:
+        return False
+    from . import triton_kernels  # DIST_MUON_DISABLE_TRITON=1 keeps the torch path
+
+    return triton_kernels.use_triton(X)
+
+
+def newton_schulz_(X: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, schedule: Schedule,
+                   scale: float = 1.0) -> torch.Tensor:
+    """``scale · NS(X)`` for a stack X of shape [k, m, n], in place.
+
+    X and Y are the two iterates (Y is scratch of X's shape); A and B are [k, s, s] Gram
+    workspaces with s = min(m, n). Returns whichever of X and Y holds the result: X after an
+    even number of steps, Y after an odd one. ``scale`` (the lr scale) is folded into the last
+    step's coefficients, so it costs no extra pass.
+    """
+    return iterate_(normalize_(X, schedule), Y, A, B, schedule, scale)
+
+
+def iterate_(X: torch.Tensor, Y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, schedule: Schedule,
+             scale: float = 1.0) -> torch.Tensor:
+    """The NS loop on a normalised stack X ([k, m, n]): X ← a·X + (b·G + c·G²)·X per step.
+
+    Tall matrices are never transposed: their Gram matrix is XᵀX and the update X·B (B is
+    symmetric), so every operand stays in place. Triton's symmetric kernels form the Gram
+    matrices on CUDA.
+    """
+    tall = X.size(-2) > X.size(-1)
+    triton = _use_triton(X)
+    last = schedule.steps - 1
+    for step, (a, b, c) in enumerate(schedule.coefficients):
+        f = scale if step == last else 1.0
+        wide = X.mT if tall else X
+        if triton:
+            from . import triton_kernels
+
+            triton_kernels.sym_gram(wide, out=A)
+            triton_kernels.sym_poly(A, b, c, out=B)
+        else:
+            torch.bmm(wide, wide.mT, out=A)
+            torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+        if tall:
+            torch.baddbmm(X, X, B, beta=a * f, alpha=f, out=Y)
+        else:
+            torch.baddbmm(X, B, X, beta=a * f, alpha=f, out=Y)
+        X, Y = Y, X
     return X
 
 
+def _workspace(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, m, n = X.shape
+    s = gram_size(m, n)
+    A = X.new_empty(k, s, s)
+    return torch.empty_like(X), A, torch.empty_like(A)
+
+
+def normalize(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """``normalize_`` on a copy."""
+    return normalize_(X.clone(), schedule)
+
+
+def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """The NS loop on an already normalised X ([m, n] or [k, m, n]); X itself is not modified."""
+    X3 = X.reshape(-1, *X.shape[-2:]).clone()
+    return iterate_(X3, *_workspace(X3), schedule).reshape(X.shape)
+
+
 @functools.cache
-def compiled_torch_iterations():
-    """torch.compile of the torch loop, made once on first use (shapes are static per bucket)."""
-    return torch.compile(torch_iterations, dynamic=False)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
 
 
-def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule, *, compiled: bool = False) -> torch.Tensor:
-    """The NS loop: symmetric Triton kernels on CUDA when available, else torch (optionally compiled)."""
-    if X.is_cuda:  # symmetric Triton kernels; DIST_MUON_DISABLE_TRITON=1 keeps the torch path
-        from . import triton_kernels
+def orthogonalize_stack(X: torch.Tensor, schedule: Schedule, *, scale: float = 1.0, compiled: bool = False) -> torch.Tensor:
+    """``scale · NS(X)`` for X of shape [k, m, n] in its own dtype, allocating its own workspace.
 
-        if triton_kernels.use_triton(X):
-            return triton_kernels.newton_schulz_iterations_triton(X, schedule.coefficients)
-    return (compiled_torch_iterations() if compiled else torch_iterations)(X, schedule)
+    X is overwritten (normalised in place). ``compiled`` runs the loop under ``torch.compile``.
+    """
+    run = _compiled(newton_schulz_) if compiled else newton_schulz_
+    return run(X, *_workspace(X), schedule, scale)
 
 
 def orthogonalize_with(X: torch.Tensor, schedule: Schedule, dtype: torch.dtype, *, compiled: bool = False) -> torch.Tensor:
     """NS(X) for X of shape [..., m, n], computed in ``dtype``; returns ``dtype``."""
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs X of shape [..., m, n], got {tuple(X.shape)}")
-    tall = X.size(-2) > X.size(-1)
-    Y = X.to(dtype)
-    if tall:
-        Y = Y.mT
-    batch_shape = Y.shape[:-2]
-    Y = Y.reshape(-1, *Y.shape[-2:]) if Y.ndim != 3 else Y
-    if Y.size(0) == 1:
-        Y = Y[0]
-    Y = newton_schulz_iterations(normalize(Y, schedule), schedule, compiled=compiled)
-    Y = Y.reshape(*batch_shape, *Y.shape[-2:])
-    return Y.mT if tall else Y
+    stack = X.to(dtype=dtype, copy=True).reshape(-1, *X.shape[-2:])
+    return orthogonalize_stack(stack, schedule, compiled=compiled).reshape(X.shape)
 
 
 def orthogonalize(
@@ -93,7 +168,7 @@ def orthogonalize(
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor UVᵀ of every matrix in ``X`` ([..., m, n]).
 
-    ``method`` is "quintic", "polar_express" or a list of (a, b, c) triples; tall matrices
-    are transposed so X·Xᵀ is the small Gram matrix; a zero matrix maps to zeros.
+    ``method`` is "quintic", "polar_express" or a list of (a, b, c) triples; the Gram matrix is
+    formed on the smaller side; a zero matrix maps to zeros.
     """
     return orthogonalize_with(X, resolve_schedule(method, steps), as_dtype(dtype))

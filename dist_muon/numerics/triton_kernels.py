@@ -262,15 +262,15 @@ def _launch(X3: torch.Tensor, out: torch.Tensor, M: int, K: int, poly: bool, bet
         )
 
 
-def sym_gram(X: torch.Tensor) -> torch.Tensor:
+def sym_gram(X: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
     """``X @ X.mT`` for X of shape [m, n] or [..., m, n], computing only upper-triangular tiles.
 
-    fp32 accumulation, output in X's dtype, exactly symmetric.
+    fp32 accumulation, output in X's dtype, exactly symmetric; ``out`` ([B, m, m]) is reused if given.
     """
     _check_input(X, "sym_gram")
     X3 = _as_batch(X)
     B, M, K = X3.shape
-    out = torch.empty((B, M, M), device=X.device, dtype=X.dtype)
+    out = torch.empty((B, M, M), device=X.device, dtype=X.dtype) if out is None else out
     if B > 0 and M > 0:
         if K == 0:
             out.zero_()
@@ -279,7 +279,7 @@ def sym_gram(X: torch.Tensor) -> torch.Tensor:
     return out.reshape(*X.shape[:-2], M, M)
 
 
-def sym_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
+def sym_poly(A: torch.Tensor, b: float, c: float, out: "torch.Tensor | None" = None) -> torch.Tensor:
     """``b·A + c·A@A`` for symmetric A ([m, m] or [..., m, m]), upper-triangular tiles only.
 
     Computed as ``b·A + c·A·Aᵀ`` (equal for symmetric A) with fp32 accumulation; output in
@@ -291,7 +291,7 @@ def sym_poly(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
         raise ValueError(f"sym_poly: A must be square, got shape {tuple(A.shape)}")
     A3 = _as_batch(A)
     B, M, _ = A3.shape
-    out = torch.empty((B, M, M), device=A.device, dtype=A.dtype)
+    out = torch.empty((B, M, M), device=A.device, dtype=A.dtype) if out is None else out
     if B > 0 and M > 0:
         _launch(A3, out, M, M, poly=True, beta=b, gamma=c)
     return out.reshape(A.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Any, Callable, Optional
 
@@ -11,18 +12,20 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
+from ..layout import layout_of
 from ..numerics import muown as muown_math
-from ..numerics import resolve_ns_dtype
+from ..plan import MatrixSpec, Plan, build_plan, spec_fingerprint
 from ..routing import VIEW_KEYS
-from ..plan import MatrixSpec, Plan, build_plan, layout_of, local_schedule, spec_fingerprint
+from ..schedule import local_schedule
 from .groups import (
     MATRIX_ALGORITHMS,
     check_policy,
     complete_group,
     normalize_param_groups,
+    ns_key,
     view_of,
 )
-from .pipeline import BucketRunner, MatrixJob, StepStats, schedule_key
+from .pipeline import BucketRunner, StepStats
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -88,6 +91,7 @@ class DistMuon(torch.optim.Optimizer):
         self.compile_ns = bool(compile_ns)
         self._plan: Optional[Plan] = None
         self._plan_key: Optional[tuple] = None
+        self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
         groups = normalize_param_groups(params)
         torch_defaults = {k: v for k, v in defaults.items() if not k.startswith("adamw_")}
@@ -99,6 +103,7 @@ class DistMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 self._init_state(group, p)
         self._ensure_plan()
+        self._check_ranks_agree()
 
     # ------------------------------------------------------------------ groups and state
 
@@ -108,7 +113,7 @@ class DistMuon(torch.optim.Optimizer):
         if hasattr(self, "_comm"):
             for p in group["params"]:
                 self._init_state(group, p)
-            self._plan_key = None  # rebuilt (and re-agreed across ranks) at the next step
+            self._plan_key = None  # rebuilt at the next step, whose all-reduce checks every rank did the same
 
     def _names(self, group: dict, gi: int) -> list[str]:
         return list(group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))])
@@ -137,38 +142,41 @@ class DistMuon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the plan
 
-    def _matrix_params(self) -> list[tuple[dict, torch.Tensor, str]]:
-        """(group, parameter, name) of every Muon/Muown parameter, in plan order."""
+    def _matrix_params(self) -> list[tuple[int, dict, torch.Tensor, str]]:
+        """(group index, group, parameter, name) of every Muon/Muown parameter, in plan order."""
         return [
-            (group, p, name)
+            (gi, group, p, name)
             for gi, group in enumerate(self.param_groups) if group["algorithm"] in MATRIX_ALGORITHMS
             for p, name in zip(group["params"], self._names(group, gi))
         ]
 
     def _current_plan_key(self) -> tuple:
-        """Everything the plan depends on, cheap to compute every step (a change rebuilds the plan)."""
-        return tuple(
-            (id(p), group["algorithm"], schedule_key(group, self._device), group["adjust_lr"], *(repr(group[k]) for k in VIEW_KEYS))
-            for group, p, _ in self._matrix_params()
+        """Everything the plan depends on, cheap to compare every step (a change rebuilds the plan)."""
+        groups = tuple(
+            (g["algorithm"], repr(g.get("ns_method")), g.get("ns_steps"), g.get("ns_dtype"), g.get("adjust_lr"),
+             *(repr(g.get(k)) for k in VIEW_KEYS), tuple(map(id, g["params"])))
+            for g in self.param_groups
         )
+        return (self.bucket_bytes, self.owner_policy, groups)
 
     def _ensure_plan(self) -> Plan:
+        """The plan for the current settings; rebuilt locally (no collective) when they change.
+
+        Ranks cannot hang over it: every step's all-reduce carries the plan's digest, and ranks whose
+        digests differ all raise RankDisagreement before any piece moves.
+        """
         key = self._current_plan_key()
         if key == self._plan_key:
             return self._plan
         entries = self._matrix_params()
         specs = [
             MatrixSpec(
-                name=name,
-                view=view_of(group, p, name),
-                layout=layout_of(p, self._comm.ranks),
-                ns_key=schedule_key(group, self._device),
-                adjust_lr=group["adjust_lr"],
-                itemsize=resolve_ns_dtype(group["ns_dtype"], self._device).itemsize,
+                name=name, view=view_of(group, p, name), layout=layout_of(p, self._comm.ranks),
+                ns_key=ns_key(group, self._device), adjust_lr=group["adjust_lr"], group=gi,
             )
-            for group, p, name in entries
+            for gi, group, p, name in entries
         ]
-        for spec, (_, p, _) in zip(specs, entries):
+        for spec, (_, _, p, _) in zip(specs, entries):
             expected = spec.layout.local_shape(self._comm.rank)
             if tuple(comm.local_tensor(p).shape) != expected:
                 raise ValueError(
@@ -176,16 +184,21 @@ class DistMuon(torch.optim.Optimizer):
                     f"layout's {expected} ({spec.layout.description}); this placement is not supported"
                 )
         plan = build_plan(specs, self._comm.world, bucket_bytes=self.bucket_bytes, owner_policy=self.owner_policy)
-        self._check_ranks_agree(plan, specs)
         self._plan, self._plan_key = plan, key
-        self._runner = BucketRunner(plan, local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns)
+        self._agreement = self._agreement_record(specs)
+        self._plan_digest = _digest(repr(self._agreement))
+        self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns)
+        self._muown_updates = {
+            pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
+            for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
+        }
         return plan
 
     def _agreement_record(self, specs) -> dict:
         """Everything ranks must agree on; compared by digest first, in detail only on mismatch."""
         hyper = [
             {"first parameter": self._names(g, gi)[0], "number of parameters": len(g["params"]),
-             **{k: repr(v) for k, v in g.items() if k not in ("params", "param_names", "initial_lr")}}
+             **{k: repr(v) for k, v in g.items() if k not in ("params", "param_names", "initial_lr", "lr")}}
             for gi, g in enumerate(self.param_groups)
         ]
         adamw = [(n, tuple(p.shape)) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "adamw"
@@ -197,16 +210,19 @@ class DistMuon(torch.optim.Optimizer):
             "adamw parameters": adamw,
         }
 
-    def _check_ranks_agree(self, plan: Plan, specs) -> None:
-        """Compare configurations before any data moves; disagreeing ranks raise instead of hanging."""
+    def _check_ranks_agree(self) -> None:
+        """At construction: compare configurations (learning rates included) before any data moves."""
         if self._comm.group is None:
             return
-        record = self._agreement_record(specs)
-        digest = torch.tensor(list(bytes.fromhex(_sha(repr(record)))[:16]), dtype=torch.int64, device=self._device)
+        record = {**self._agreement, "lr": [repr(g["lr"]) for g in self.param_groups]}
+        digest = torch.tensor(_digest(repr(record)), dtype=torch.int64, device=self._device)
         gathered = [torch.empty_like(digest) for _ in range(self._comm.world)]
         dist.all_gather(gathered, digest, group=self._comm.group)
-        if all(torch.equal(g, digest) for g in gathered):
-            return
+        if not all(torch.equal(g, digest) for g in gathered):
+            self._raise_disagreement(record)
+
+    def _raise_disagreement(self, record: dict) -> None:
+        """Every rank calls this together (they all saw the same mismatch), so the gather cannot hang."""
         records = [None] * self._comm.world
         dist.all_gather_object(records, record, group=self._comm.group)
         raise RankDisagreement(_describe_disagreement(records))
@@ -225,32 +241,37 @@ class DistMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_plan()
-        stats = StepStats(rank=self._comm.rank)
-        self.last_step_stats = stats
-        has_grad = self._check_grads()
+        has_grad = self._agree_on_gradients()
         if has_grad is None:
-            stats.skipped = True
+            self.last_step_stats = StepStats(rank=self._comm.rank, skipped=True)
             return loss
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, has_grad)
-        jobs = self._matrix_jobs(has_grad)
-        self._runner.run(jobs, stats)
-        for (group, p, name), job in zip(self._matrix_params(), jobs):
+        entries = self._matrix_params()
+        inputs = self._muon_inputs(entries, has_grad)
+        outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
+        factors = {gi: (1.0 if g["algorithm"] == "muown" else -g["lr"])
+                   for gi, g in enumerate(self.param_groups) if g["algorithm"] in MATRIX_ALGORITHMS}
+        muted = frozenset(pi for pi, (_, _, p, _) in enumerate(entries) if not has_grad[id(p)])
+        self.last_step_stats = self._runner.run(inputs, outputs, factors, muted)
+        for pi, (_, group, p, name) in enumerate(entries):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
-                self._muown_finish(group, p, name, job.output)
+                self._muown_finish(group, p, name, self._muown_updates[pi])
         return loss
 
-    def _check_grads(self) -> Optional[dict[int, bool]]:
-        """Which parameters have gradients (all ranks must agree), and whether all are finite.
+    def _agree_on_gradients(self) -> Optional[dict[int, bool]]:
+        """Which parameters have gradients, whether all are finite, and that every rank runs the same plan.
 
-        One small all-reduce per step: [has_grad per parameter..., non-finite count].
-        Returns None when the step must be skipped.
+        One all-reduce (MAX) of a fixed-size vector per step, and the step's only host sync:
+        [non-finite count, plan digest, −plan digest, gradient-set digest, −its negation]. Equal
+        digests on every rank make max = −max(−d); any difference makes every rank raise
+        together, before a piece moves. Returns None when the step must be skipped.
         """
         params = [p for g in self.param_groups for p in g["params"]]
-        flags, local_grads = [], []
+        flags = tuple(p.grad is not None for p in params)
+        local_grads = []
         for p in params:
-            flags.append(float(p.grad is not None))
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -259,27 +280,52 @@ class DistMuon(torch.optim.Optimizer):
                 raise ValueError(f"{self._name_of(p)}: complex gradients are not supported by DistMuon")
             local_grads.append(comm.local_tensor(p.grad))
         # A norm is inf/NaN exactly when some element is: one fused reduction instead of isfinite per tensor.
-        norms = torch._foreach_norm(local_grads, 2, dtype=torch.float32) if local_grads else []
-        nonfinite = (~torch.isfinite(torch.stack(norms))).sum().float().view(1) if norms else torch.zeros(1)
-        vector = torch.cat([torch.tensor(flags, dtype=torch.float32), nonfinite.cpu()]).to(self._device)
+        if local_grads:
+            norms = torch.stack(torch._foreach_norm(local_grads, 2, dtype=torch.float32))
+            nonfinite = torch.isinf(norms).logical_or_(torch.isnan(norms)).sum().view(1)
+        else:
+            nonfinite = torch.zeros(1, dtype=torch.int64, device=self._device)
+        vector = torch.cat([nonfinite.to(self._device), self._digests(flags)])
         if self._comm.group is not None:
-            dist.all_reduce(vector, group=self._comm.group)
-        vector = vector.cpu()
-        counts, bad = vector[:-1], float(vector[-1])
-        world = self._comm.world
-        split = [(self._name_of(p), int(c)) for p, c in zip(params, counts.tolist()) if c not in (0, world)]
-        if split:
-            raise RankDisagreement(
-                f"some ranks have a gradient and others not for {split[0][0]} ({split[0][1]} of {world} ranks): "
-                "every rank must run backward through the same parameters"
-            )
+            dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._comm.group)
+        bad, *digests = vector.tolist()
+        plan_ok = digests[0] == -digests[1]
+        grads_ok = digests[2] == -digests[3]
+        if not plan_ok:
+            self._raise_disagreement(self._agreement)
+        if not grads_ok:
+            self._raise_gradient_disagreement(params, flags)
         if bad:
             message = f"DistMuon: non-finite gradients in {int(bad)} tensor(s) this step"
             if self.nonfinite_grad == "raise":
                 raise FloatingPointError(message + "; set nonfinite_grad='skip' to skip such steps instead")
             warnings.warn(message + "; the step was skipped (parameters and state unchanged)", stacklevel=3)
             return None
-        return {id(p): bool(c) for p, c in zip(params, counts.tolist())}
+        return {id(p): f for p, f in zip(params, flags)}
+
+    def _digests(self, flags: tuple[bool, ...]) -> torch.Tensor:
+        """[d, −d, f, −f] on the device, for the plan digest d and the gradient-set digest f.
+
+        Cached: in steady state no tensor is created from host data (that would be a copy, and on
+        CUDA a sync, every step)."""
+        key = (self._plan_digest, flags)
+        if self._digest_cache[0] != key:
+            f = _digest(repr(flags))
+            d = self._plan_digest
+            self._digest_cache = (key, torch.tensor([d, -d, f, -f], dtype=torch.int64, device=self._device))
+        return self._digest_cache[1]
+
+    def _raise_gradient_disagreement(self, params, flags) -> None:
+        every = [None] * self._comm.world
+        dist.all_gather_object(every, flags, group=self._comm.group)
+        for i, p in enumerate(params):
+            count = sum(bool(f[i]) if i < len(f) else False for f in every)
+            if count not in (0, self._comm.world):
+                raise RankDisagreement(
+                    f"some ranks have a gradient and others not for {self._name_of(p)} ({count} of "
+                    f"{self._comm.world} ranks): every rank must run backward through the same parameters"
+                )
+        raise RankDisagreement("DistMuon ranks disagree on which parameters have gradients")
 
     def _name_of(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
@@ -301,34 +347,44 @@ class DistMuon(torch.optim.Optimizer):
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
             [],
             [s["step"] for s in states],
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
+            foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _matrix_jobs(self, has_grad: dict[int, bool]) -> list[MatrixJob]:
-        """Momentum and weight decay on local shards; the orthogonalization input is made lazily."""
-        jobs = []
-        for group, p, name in self._matrix_params():
-            local = comm.local_tensor(p)
-            if not has_grad[id(p)]:
-                # No gradient: no update (as torch.optim), but the plan still moves this matrix (as zeros).
-                jobs.append(MatrixJob(lambda local=local: torch.zeros_like(local), torch.empty_like(local), 0.0))
-                continue
-            if group["algorithm"] == "muown":
-                jobs.append(self._muown_start(group, p, name))
-                continue
-            buf = comm.local_tensor(self.state[p]["momentum_buffer"])
-            grad = comm.local_tensor(p.grad)
+    def _muon_inputs(self, entries, has_grad: dict[int, bool]) -> list[torch.Tensor]:
+        """Momentum, Nesterov and weight decay, one foreach op per group; returns each matrix
+        parameter's local NS input. Nesterov is formed in place in the gradient's storage (as in
+        modded-nanogpt): after ``step()`` a Muon gradient holds ``g.lerp(buf, momentum)``."""
+        inputs: list[Optional[torch.Tensor]] = [None] * len(entries)
+        by_group: dict[int, list[int]] = {}
+        for pi, (gi, group, p, name) in enumerate(entries):
+            if not has_grad[id(p)]:  # no update (as torch.optim); the plan still moves it, muted
+                inputs[pi] = comm.local_tensor(self.state[p]["momentum_buffer"])
+            elif group["algorithm"] == "muown":
+                inputs[pi] = self._muown_start(group, p, name, self._muown_updates[pi])
+            else:
+                by_group.setdefault(gi, []).append(pi)
+        for gi, members in by_group.items():
+            group = self.param_groups[gi]
+            params = [entries[pi][2] for pi in members]
+            bufs = [comm.local_tensor(self.state[p]["momentum_buffer"]) for p in params]
+            grads = [comm.local_tensor(p.grad) for p in params]
+            # Mixed dtypes (bf16 gradients of fp32 parameters) need a cast; lerp needs one dtype.
+            grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
             mu = group["momentum"]
-            buf.lerp_(grad, 1 - mu)
-            local.mul_(1 - group["lr"] * group["weight_decay"])
-            make = (lambda g=grad, b=buf, mu=mu: g.lerp(b, mu)) if group["nesterov"] else (lambda b=buf: b)
-            jobs.append(MatrixJob(make, local, -group["lr"]))
-        return jobs
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            if group["weight_decay"]:
+                torch._foreach_mul_([comm.local_tensor(p) for p in params], 1 - group["lr"] * group["weight_decay"])
+            if group["nesterov"]:
+                torch._foreach_lerp_(grads, bufs, mu)
+            for pi, t in zip(members, grads if group["nesterov"] else bufs):
+                inputs[pi] = t
+        return inputs
 
     # ------------------------------------------------------------------ Muown
 
-    def _muown_start(self, group: dict, p: torch.Tensor, name: str) -> MatrixJob:
+    def _muown_start(self, group: dict, p: torch.Tensor, name: str, update: torch.Tensor) -> torch.Tensor:
+        """Decompose W, update the direction's momentum; returns the local NS input, zeroes ``update``."""
         state = self.state[p]
         dims = view_of(group, p, name).row_norm_dims
         v, grad_g, grad_v = muown_math.decompose(
@@ -339,9 +395,8 @@ class DistMuon(torch.optim.Optimizer):
         grad_v = _settled(grad_v).to(buf.dtype)
         buf.lerp_(grad_v, 1 - group["momentum"])
         u = grad_v.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        u_local = comm.local_tensor(u)
-        update = torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
-        return MatrixJob(lambda: u_local, update, 1.0)
+        update.zero_()
+        return comm.local_tensor(u)
 
     def _muown_finish(self, group: dict, p: torch.Tensor, name: str, update_local: torch.Tensor) -> None:
         """v ← v − lr·s·O; g ← Adam(g); W ← g·v/‖v‖; decoupled weight decay on W (g re-synced)."""
@@ -414,10 +469,9 @@ def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
+def _digest(text: str) -> int:
+    """A 62-bit digest (so it and its negation fit an int64) that is the same on every rank."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
 
 
 def _describe_disagreement(records: list[dict]) -> str:

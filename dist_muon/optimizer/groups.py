@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from ..numerics import check_ns_dtype, resolve_schedule
+from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
 from ..routing import ALGORITHMS, VIEW_KEYS, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
 
@@ -155,3 +155,8 @@ def check_policy(nonfinite_grad: str) -> str:
     if nonfinite_grad not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite_grad must be one of {NONFINITE_POLICIES}, got {nonfinite_grad!r}")
     return nonfinite_grad
+
+
+def ns_key(group: Mapping[str, Any], device) -> NSKey:
+    """The group's Newton–Schulz compute dtype (``"auto"`` resolved for ``device``) and schedule."""
+    return NSKey(resolve_ns_dtype(group["ns_dtype"], device), resolve_schedule(group["ns_method"], group["ns_steps"]))

@@ -1,34 +1,43 @@
-"""Executing a plan: per bucket, pieces travel to owners, owners orthogonalize whole matrices
-batched by shape, and results travel back to every holder. Bucket b+1 is in flight while
-bucket b computes (when the plan's memory bound allows it)."""
+"""Executing a rank's schedule: each bucket is a handful of vectorised ops over views frozen once per plan.
+
+Per bucket, top to bottom:
+
+1. stage: inputs needed only in parts are copied whole into the bucket's workspace slot;
+2. forward: every input piece goes, in one ``_foreach_copy_``, to the send buffer or to this
+   rank's own stacks; the all-to-all starts;
+3. unpack: received pieces go into the stacks (one ``_foreach_copy_``);
+4. Newton–Schulz on each stack, in place, with the lr scale folded into its last step;
+5. back: result pieces go to the back send buffer (one copy) and onto this rank's own outputs
+   (one ``_foreach_add_``); the all-to-all back starts;
+6. apply: received results are added onto the outputs (one ``_foreach_add_``).
+
+Bucket b+1's forward runs while bucket b computes; they live in the two slots of the workspace.
+The workspace's storage exists only during ``run`` (released between steps), yet every view
+into it is made once. Inputs (gradients) are new tensors every step, so they are passed in and
+read whole; outputs (parameters, Muown's update buffers) persist, and views into them are
+remade only when one of them is a different tensor than before.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .. import comm
-from ..numerics import newton_schulz, resolve_ns_dtype, resolve_schedule
-from ..plan import BucketSchedule, Plan
-
-
-@dataclass
-class MatrixJob:
-    """One parameter's part of a step: what to orthogonalize, and where ``alpha · s · O`` goes."""
-
-    make_input: Callable[[], torch.Tensor]  # local tensor (shard) of the momentum-like input
-    output: torch.Tensor  # local tensor that receives alpha * update, piece by piece
-    alpha: float
+from ..numerics import newton_schulz_
+from ..schedule import INPUT, OUTPUT, BucketSchedule, Copy, Stack, Window
 
 
 @dataclass
 class StepStats:
     """What one rank did in one optimizer step; log ``as_dict()``.
 
-    Times are host wall-clock seconds; on CUDA they include only what the host waited for.
+    Counts come from the frozen schedule. Times are host wall-clock seconds spent waiting for
+    all-to-alls and running NS calls; on CUDA they include only what the host waited for.
+    ``workspace_bytes`` is the size of the two workspace slots that exist during the step.
     """
 
     rank: int = 0
@@ -36,179 +45,229 @@ class StepStats:
     ns_flops: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    buckets: int = 0
+    workspace_bytes: int = 0
     comm_seconds: float = 0.0
     ns_seconds: float = 0.0
-    peak_assembled_bytes: int = 0
-    buckets: int = 0
     skipped: bool = False
-    _live: int = field(default=0, repr=False)
-
-    def hold(self, nbytes: int) -> None:
-        self._live += nbytes
-        self.peak_assembled_bytes = max(self.peak_assembled_bytes, self._live)
-
-    def release(self, nbytes: int) -> None:
-        self._live -= nbytes
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return dict(self.__dict__)
 
 
-class _Inputs:
-    """Inputs made on first use and dropped after the last bucket that reads them."""
+class Workspace:
+    """Two flat byte slots, each as large as its largest bucket needs; storage only during a step."""
 
-    def __init__(self, jobs: Sequence[Optional[MatrixJob]], schedules: Sequence[BucketSchedule]):
-        self.jobs = jobs
-        self.cache: dict[int, torch.Tensor] = {}
-        self.last_use: dict[int, int] = {}
-        for b, sched in enumerate(schedules):
-            for p in sched.params:
-                self.last_use[p] = b
+    ALIGN = 64
 
-    def __getitem__(self, param: int) -> torch.Tensor:
-        if param not in self.cache:
-            self.cache[param] = self.jobs[param].make_input()
-        return self.cache[param]
+    def __init__(self, schedules: Sequence[BucketSchedule], device):
+        sizes = [0, 0]
+        for s in schedules:
+            sizes[s.slot] = max(sizes[s.slot], -(-s.size * s.key.itemsize // self.ALIGN) * self.ALIGN)
+        self.nbytes = tuple(sizes)
+        self.slots = [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def release(self, bucket: int) -> None:
-        for p in [p for p, last in self.last_use.items() if last == bucket and p in self.cache]:
-            del self.cache[p]
+    def view(self, w: Window, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """A view that stays valid across ``release``/``acquire`` (made while the storage exists)."""
+        key = (slot, dtype)
+        if key not in self._typed:
+            self._typed[key] = self.slots[slot].view(dtype)
+        return self._typed[key].as_strided(w.shape, w.strides, w.offset)
+
+    def acquire(self) -> None:
+        for t, n in zip(self.slots, self.nbytes):
+            t.untyped_storage().resize_(n)
+
+    def release(self) -> None:
+        for t in self.slots:
+            t.untyped_storage().resize_(0)
 
 
 @dataclass
-class _Owned:
-    """The whole matrices a rank owns in one bucket, stacked by shape for batched Newton–Schulz."""
+class _Copies:
+    """A list of copies as tensors: ``dst`` and ``src`` views, with holes where a step's tensor goes."""
 
-    stacks: dict[tuple[int, int], torch.Tensor]
-    boxes: list[torch.Tensor]  # by slot: a view of the stack shaped like the matrix's region
-    scales: dict[tuple[int, int], torch.Tensor]
-    nbytes: int
+    dst: list[Optional[torch.Tensor]] = field(default_factory=list)
+    src: list[Optional[torch.Tensor]] = field(default_factory=list)
+    per_step_src: list[tuple[int, int]] = field(default_factory=list)  # (position, param): whole input
+    output_dst: list[tuple[int, Window]] = field(default_factory=list)  # (position, window): an output view
+
+    def sources(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.per_step_src:
+            return self.src
+        src = list(self.src)
+        for pos, param in self.per_step_src:
+            src[pos] = inputs[param]
+        return src
 
 
-def _allocate_owned(plan: Plan, sched: BucketSchedule, dtype: torch.dtype, device) -> _Owned:
-    shapes: dict[tuple[int, int], list[int]] = {}
-    for slot, mi in enumerate(sched.owned):
-        shapes.setdefault(plan.matrices[mi].shape, []).append(slot)
-    stacks, scales, boxes = {}, {}, [None] * len(sched.owned)
-    for shape, slots in shapes.items():
-        stacks[shape] = torch.empty(len(slots), *shape, dtype=dtype, device=device)
-        scales[shape] = torch.tensor([plan.matrices[sched.owned[s]].scale for s in slots], dtype=dtype, device=device)
-        for pos, s in enumerate(slots):
-            region = plan.matrices[sched.owned[s]].region
-            boxes[s] = stacks[shape][pos].view(tuple(b - a for a, b in region))
-    nbytes = sum(t.numel() * t.element_size() for t in stacks.values())
-    return _Owned(stacks, boxes, scales, nbytes)
+@dataclass
+class _StackViews:
+    record: Stack
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    result: torch.Tensor
+
+
+@dataclass
+class _Bucket:
+    """A bucket's schedule turned into tensors."""
+
+    schedule: BucketSchedule
+    stage: _Copies
+    forward: _Copies
+    send: torch.Tensor
+    recv: torch.Tensor
+    unpack: _Copies
+    stacks: list[_StackViews]
+    back: _Copies
+    apply_local: _Copies
+    back_send: torch.Tensor
+    back_recv: torch.Tensor
+    apply_received: _Copies
 
 
 class BucketRunner:
     """Runs every bucket of a plan for one rank and one step."""
 
-    def __init__(self, plan: Plan, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device,
-                 compile_ns: bool = False):
-        self.plan, self.schedules, self.group, self.device = plan, schedules, group, device
-        self.compile_ns = compile_ns
-        self.dtypes = [self._bucket_dtype(b) for b in range(len(schedules))]
-        self.schedule_of = [self._bucket_schedule(b) for b in range(len(schedules))]
+    def __init__(self, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device, compile_ns: bool = False):
+        self.schedules, self.group, self.device = tuple(schedules), group, device
+        self.newton_schulz = torch.compile(newton_schulz_, dynamic=False) if compile_ns else newton_schulz_
+        self.workspace = Workspace(self.schedules, device)
+        self.buckets = [self._freeze(s) for s in self.schedules]
+        self.workspace.release()
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        totals = StepStats(rank=group.rank, buckets=len(schedules), workspace_bytes=sum(self.workspace.nbytes))
+        for s in self.schedules:
+            totals.matrices_owned += s.matrices
+            totals.ns_flops += s.flops
+            totals.bytes_sent += s.bytes_sent
+            totals.bytes_received += s.bytes_received
+        self._totals = totals
 
-    def _bucket_key(self, b: int) -> tuple:
-        return self.plan.params[self.plan.matrices[self.plan.buckets[b][0]].param].ns_key
+    # -- freezing a schedule into views
 
-    def _bucket_dtype(self, b: int) -> torch.dtype:
-        return getattr(torch, self._bucket_key(b)[0])
+    def _freeze(self, s: BucketSchedule) -> _Bucket:
+        view = lambda w: self.workspace.view(w, s.slot, s.key.dtype)  # noqa: E731
+        stacks = [_StackViews(st, view(st.x), view(st.y), view(st.gram[0]), view(st.gram[1]), view(st.result))
+                  for st in s.stacks]
+        return _Bucket(
+            s, self._copies(s.stage, view), self._copies(s.forward, view),
+            view(s.forward_exchange.send), view(s.forward_exchange.recv), self._copies(s.unpack, view), stacks,
+            self._copies(s.back, view), self._copies(s.apply_local, view),
+            view(s.back_exchange.send), view(s.back_exchange.recv), self._copies(s.apply_received, view),
+        )
 
-    def _bucket_schedule(self, b: int):
-        _, coefficients, norm_scale, eps = self._bucket_key(b)
-        return newton_schulz.Schedule(coefficients, norm_scale, eps)
+    @staticmethod
+    def _copies(copies: Sequence[Copy], view) -> _Copies:
+        out = _Copies()
+        for pos, c in enumerate(copies):
+            if c.src.space.kind == INPUT:  # whole inputs only: parts were staged by the schedule
+                out.src.append(None)
+                out.per_step_src.append((pos, c.src.space.param))
+            else:
+                out.src.append(view(c.src))
+            if c.dst.space.kind == OUTPUT:
+                out.dst.append(None)
+                out.output_dst.append((pos, c.dst))
+            else:
+                out.dst.append(view(c.dst))
+        return out
 
-    def run(self, jobs: Sequence[Optional[MatrixJob]], stats: StepStats) -> None:
-        inputs = _Inputs(jobs, self.schedules)
-        n = len(self.schedules)
-        forward = self._start_forward(0, inputs, stats) if n else None
-        pending_back = None
-        for b in range(n):
-            owned = self._assemble(b, forward, inputs, stats)
-            inputs.release(b)
-            forward = self._start_forward(b + 1, inputs, stats) if b + 1 < n and self.plan.overlap[b] else None
-            self._orthogonalize(b, owned, stats)
-            back = self._start_back(b, owned, jobs, stats)
-            stats.release(owned.nbytes)
-            del owned
-            if pending_back is not None:
-                self._finish_back(*pending_back, jobs, stats)
-            pending_back = (b, back)
-            if forward is None and b + 1 < n:
-                forward = self._start_forward(b + 1, inputs, stats)
-        if pending_back is not None:
-            self._finish_back(*pending_back, jobs, stats)
-        stats.buckets = n
+    def _bind_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Views into the outputs, remade only when an output is not the tensor it was."""
+        if len(outputs) == len(self._outputs) and all(a is b for a, b in zip(outputs, self._outputs)):
+            return
+        for bucket in self.buckets:
+            for copies in (bucket.apply_local, bucket.apply_received):
+                for pos, w in copies.output_dst:
+                    copies.dst[pos] = _output_view(outputs[w.space.param], w)
+        self._outputs = tuple(outputs)
 
-    # -- forward: pieces to owners
+    # -- one step
 
-    def _start_forward(self, b: int, inputs: _Inputs, stats: StepStats) -> comm.Exchange:
-        sched = self.schedules[b]
-        source = lambda piece: inputs[piece[0]][comm.as_slices(piece[1])]  # noqa: E731
-        send_counts, recv_counts = sched.fwd_send_counts, sched.fwd_recv_counts
-        send = comm.pack(sched.fwd_send, send_counts, source, self.dtypes[b], self.device)
-        itemsize = send.element_size()
-        stats.bytes_sent += sum(send_counts) * itemsize
-        stats.bytes_received += sum(recv_counts) * itemsize
-        stats.hold(sum(recv_counts) * itemsize)
-        return comm.all_to_all(self.group, send, send_counts, recv_counts, sched.fwd_moves)
+    def run(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], factors: dict[int, float],
+            muted: frozenset = frozenset()) -> StepStats:
+        """Orthogonalize every matrix and add ``factor · s · O`` onto its output.
 
-    def _assemble(self, b: int, forward: comm.Exchange, inputs: _Inputs, stats: StepStats) -> _Owned:
-        sched = self.schedules[b]
-        owned = _allocate_owned(self.plan, sched, self.dtypes[b], self.device)
-        stats.hold(owned.nbytes)
-        for (param, local), (slot, box) in sched.fwd_local:
-            owned.boxes[slot][comm.as_slices(box)].copy_(inputs[param][comm.as_slices(local)])
+        ``inputs[p]`` / ``outputs[p]``: the local NS input and output of plan parameter p;
+        ``factors[g]``: the factor of param group g (−lr for Muon); results of parameters in
+        ``muted`` are zeroed before they are applied (no gradient this step).
+        """
+        stats = StepStats(**self._totals.as_dict())
+        self._bind_outputs(outputs)
+        self.workspace.acquire()
+        try:
+            n = len(self.buckets)
+            forward = self._start_forward(self.buckets[0], inputs) if n else None
+            pending = None
+            for b, bucket in enumerate(self.buckets):
+                self._wait(forward, stats)
+                _foreach_copy(bucket.unpack, inputs)
+                if pending is not None:  # frees the slot bucket b+1 is about to use
+                    self._finish_back(*pending, stats)
+                    pending = None
+                forward = self._start_forward(self.buckets[b + 1], inputs) if b + 1 < n else None
+                self._orthogonalize(bucket, factors, muted, stats)
+                pending = (bucket, self._start_back(bucket, inputs))
+            if pending is not None:
+                self._finish_back(*pending, stats)
+        finally:
+            self.workspace.release()
+        return stats
+
+    def _start_forward(self, bucket: _Bucket, inputs) -> Optional[object]:
+        _foreach_copy(bucket.stage, inputs)
+        _foreach_copy(bucket.forward, inputs)
+        ex = bucket.schedule.forward_exchange
+        return comm.all_to_all(self.group, bucket.send, bucket.recv, ex.send_counts, ex.recv_counts, ex.moves)
+
+    def _orthogonalize(self, bucket: _Bucket, factors: dict[int, float], muted: frozenset, stats: StepStats) -> None:
         t0 = time.perf_counter()
-        recv = forward.wait()
-        stats.comm_seconds += time.perf_counter() - t0
-        comm.unpack(recv, sched.fwd_recv, lambda piece, values: owned.boxes[piece[0]][comm.as_slices(piece[1])].copy_(values))
-        stats.release(recv.numel() * recv.element_size())
-        return owned
-
-    # -- compute
-
-    def _orthogonalize(self, b: int, owned: _Owned, stats: StepStats) -> None:
-        t0 = time.perf_counter()
-        schedule, dtype = self.schedule_of[b], self.dtypes[b]
-        for shape, stack in owned.stacks.items():
-            result = newton_schulz.orthogonalize_with(stack, schedule, dtype, compiled=self.compile_ns)
-            stack.copy_(result.mul_(owned.scales[shape].view(-1, 1, 1)))
+        schedule = bucket.schedule.key.schedule
+        for st in bucket.stacks:
+            factor = factors[st.record.group] * st.record.scale
+            self.newton_schulz(st.x, st.y, st.a, st.b, schedule, factor)
+            if muted:
+                silent = [st.result[i] for i, p in enumerate(st.record.params) if p in muted]
+                if silent:
+                    torch._foreach_zero_(silent)
         stats.ns_seconds += time.perf_counter() - t0
-        stats.matrices_owned += len(self.schedules[b].owned)
-        stats.ns_flops += sum(self.plan.matrices[mi].flops for mi in self.schedules[b].owned)
 
-    # -- back: results to every holder
+    def _start_back(self, bucket: _Bucket, inputs) -> Optional[object]:
+        _foreach_copy(bucket.back, inputs)
+        _foreach_add(bucket.apply_local, inputs)
+        ex = bucket.schedule.back_exchange
+        return comm.all_to_all(self.group, bucket.back_send, bucket.back_recv, ex.send_counts, ex.recv_counts, ex.moves)
 
-    def _start_back(self, b: int, owned: _Owned, jobs, stats: StepStats) -> comm.Exchange:
-        sched = self.schedules[b]
-        source = lambda piece: owned.boxes[piece[0]][comm.as_slices(piece[1])]  # noqa: E731
-        send_counts, recv_counts = sched.back_send_counts, sched.back_recv_counts
-        send = comm.pack(sched.back_send, send_counts, source, self.dtypes[b], self.device)
-        for (slot, box), (param, local) in sched.back_local:
-            job = jobs[param]
-            job.output[comm.as_slices(local)].add_(owned.boxes[slot][comm.as_slices(box)], alpha=job.alpha)
-        itemsize = send.element_size()
-        stats.bytes_sent += sum(send_counts) * itemsize
-        stats.bytes_received += sum(recv_counts) * itemsize
-        return comm.all_to_all(self.group, send, send_counts, recv_counts, sched.back_moves)
+    def _finish_back(self, bucket: _Bucket, work, stats: StepStats) -> None:
+        self._wait(work, stats)
+        _foreach_add(bucket.apply_received, ())
 
-    def _finish_back(self, b: int, back: comm.Exchange, jobs, stats: StepStats) -> None:
-        t0 = time.perf_counter()
-        recv = back.wait()
-        stats.comm_seconds += time.perf_counter() - t0
-
-        def apply(piece, values):
-            job = jobs[piece[0]]
-            job.output[comm.as_slices(piece[1])].add_(values, alpha=job.alpha)
-
-        comm.unpack(recv, self.schedules[b].back_recv, apply)
+    @staticmethod
+    def _wait(work, stats: StepStats) -> None:
+        if work is not None:
+            t0 = time.perf_counter()
+            work.wait()
+            stats.comm_seconds += time.perf_counter() - t0
 
 
-def schedule_key(group: dict, device) -> tuple:
-    """What batches together in Newton–Schulz: compute dtype and the exact coefficient schedule."""
-    schedule = resolve_schedule(group["ns_method"], group["ns_steps"])
-    dtype = resolve_ns_dtype(group["ns_dtype"], device)
-    return (str(dtype).removeprefix("torch."), schedule.coefficients, schedule.norm_scale, schedule.eps)
+def _foreach_copy(copies: _Copies, inputs) -> None:
+    if copies.dst:
+        torch._foreach_copy_(copies.dst, copies.sources(inputs))
+
+
+def _foreach_add(copies: _Copies, inputs) -> None:
+    if copies.dst:
+        torch._foreach_add_(copies.dst, copies.sources(inputs))
+
+
+def _output_view(tensor: torch.Tensor, w: Window) -> torch.Tensor:
+    if tuple(tensor.shape) == w.shape and w.offset == 0 and tensor.is_contiguous():
+        return tensor
+    if not tensor.is_contiguous():
+        raise ValueError(f"DistMuon needs contiguous local shards; got strides {tensor.stride()} for shape {tuple(tensor.shape)}")
+    return tensor.as_strided(w.shape, w.strides, tensor.storage_offset() + w.offset)
