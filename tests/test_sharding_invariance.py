@@ -1,4 +1,9 @@
-"""Sharding invariance: a distributed step equals the single-process step on full tensors."""
+"""Sharding invariance: a distributed step equals the single-process step on full tensors.
+
+Parameters are compared through their updates (p_after - p_before, every step) relative to the
+reference update's norm, never relative to the parameter's own norm, which would hide errors in
+the update; optimizer state tensors are compared relative to themselves.
+"""
 
 import pytest
 import torch
@@ -9,9 +14,15 @@ FP32 = {"ns_dtype": torch.float32}
 
 
 def _kitchen_sink_errors(world, common, kwargs):
+    """Each step's update (p_after - p_before) relative to the reference update; state tensors
+    relative to themselves (see layouts.update_errors)."""
     entries = layouts.kitchen_sink(world)
-    opt, ref, reference = layouts.run_both(entries, common=common, **kwargs)
-    return layouts.relative_errors(entries, opt, ref, reference)
+    updates = []
+    opt, ref, reference = layouts.run_both(entries, common=common, updates=updates, **kwargs)
+    errors = layouts.update_errors(entries, opt, ref, reference, updates)
+    missing = [e.name for e in entries if e.name not in errors]
+    assert not missing, f"parameters that did not move: {missing}"
+    return errors
 
 
 def _worst(results):
@@ -33,10 +44,14 @@ def test_every_layout_in_one_optimizer_fp32(world, nesterov, pool2, pool4):
     assert any(k.startswith("tp.") for k in worst) and any(k.startswith("ep.") for k in worst)
 
 
-def test_every_layout_bf16_defaults(pool4):
+def test_every_layout_bf16_ns(pool4):
+    # bf16 NS, the CUDA default ("auto" is fp32 on CPU, so it is asked for explicitly here). Most
+    # matrices come out bitwise equal; matrices batched with different neighbours (3D experts)
+    # differ by bf16 rounding of the NS products, ~4e-3 of the update (one bf16 ulp is 3.9e-3).
+    # 1e-2 allows that and no more: a wrong scale, lr or momentum shows as a larger error.
     kwargs = dict(lr=0.05, weight_decay=0.1, steps=3)
-    worst = _worst(pool4.run(_kitchen_sink_errors, 4, {}, kwargs))
-    bad = {k: v for k, v in worst.items() if v > 2e-2}
+    worst = _worst(pool4.run(_kitchen_sink_errors, 4, {"ns_dtype": torch.bfloat16}, kwargs))
+    bad = {k: v for k, v in worst.items() if v > 1e-2}
     assert not bad, bad
 
 
@@ -50,9 +65,13 @@ def _ddp_errors(world):
     import torch.distributed as dist
 
     entries = layouts.ddp_entries(world)
-    opt, ref, reference = layouts.run_both(entries, common=FP32, lr=0.05, weight_decay=0.1, process_group=dist.group.WORLD)
+    updates = []
+    opt, ref, reference = layouts.run_both(entries, common=FP32, lr=0.05, weight_decay=0.1,
+                                           process_group=dist.group.WORLD, updates=updates)
     owned = opt.last_step_stats.matrices_owned
-    return layouts.relative_errors(entries, opt, ref, reference), owned, len(opt.plan.matrices)
+    errors = layouts.update_errors(entries, opt, ref, reference, updates)
+    assert all(e.name in errors for e in entries)
+    return errors, owned, len(opt.plan.matrices)
 
 
 def test_ddp_style_replicated_params_split_the_work(pool4):
