@@ -25,20 +25,71 @@ def _set_grads(params, grads):
         p.grad = g.clone()
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_matches_torch_optim_muon_bf16(nesterov):
+def _step_updates(a_params, b_params, a_opt, b_opt, grads):
+    """One step of two optimizers from identical parameters; returns their updates in fp64."""
+    before = [p.detach().double().clone() for p in a_params]
+    _set_grads(a_params, grads), _set_grads(b_params, grads)
+    a_opt.step(), b_opt.step()
+    return [(a.detach().double() - p0, b.detach().double() - p0) for a, b, p0 in zip(a_params, b_params, before)]
+
+
+def _resync(src, dst):
+    """Copy parameters so the next step's updates start from identical points."""
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            b.copy_(a)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _compare_with_torch_muon(nesterov, ns_dtype, tol):
     ours = _params((32, 64), (64, 32), (48, 48))
     theirs = copy.deepcopy(ours)
     opt = dm.DistMuon([{"params": ours, "algorithm": "muon"}], lr=0.02, weight_decay=0.1, momentum=0.9,
-                      nesterov=nesterov, ns_method="quintic", adjust_lr="original")
+                      nesterov=nesterov, ns_method="quintic", adjust_lr="original", ns_dtype=ns_dtype)
     ref = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn="original")
     for step in range(4):
-        grads = _grads(ours, step)
-        _set_grads(ours, grads), _set_grads(theirs, grads)
-        opt.step(), ref.step()
+        for i, (d, r) in enumerate(_step_updates(ours, theirs, opt, ref, _grads(ours, step))):
+            assert _rel(d, r) < tol, (step, i, _rel(d, r))
+        _resync(ours, theirs)
     for a, b in zip(ours, theirs):
-        assert (a - b).norm() / b.norm() < 2e-3
-        assert (opt.state[a]["momentum_buffer"] - ref.state[b]["momentum_buffer"]).abs().max() < 1e-6
+        # momentum is fp32 arithmetic on both sides (lerp); only op order may differ
+        torch.testing.assert_close(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def torch_muon_ns_in_fp32(monkeypatch):
+    """torch.optim.Muon's own Newton–Schulz code, computing in fp32 instead of bf16."""
+    import inspect
+
+    import torch.optim._muon as torch_muon
+
+    source = inspect.getsource(torch_muon._zeropower_via_newtonschulz)
+    assert source.count("grad.bfloat16()") == 1, "torch.optim.Muon's NS changed; update this fixture"
+    # .clone(): .float() of an fp32 tensor is the tensor itself, and the NS divides it in place
+    namespace = dict(vars(torch_muon))
+    exec(compile(source.replace("grad.bfloat16()", "grad.float().clone()"), torch_muon.__file__, "exec"), namespace)
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", namespace["_zeropower_via_newtonschulz"])
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_optim_muon_fp32(nesterov, torch_muon_ns_in_fp32):
+    # The same update rule and NS polynomial in fp32 on both sides: measured <= 5e-6 of the update
+    # (fp32 rounding through five NS iterations). Any lr, weight decay, momentum, Nesterov or
+    # adjust_lr difference is orders of magnitude above 2e-5.
+    _compare_with_torch_muon(nesterov, torch.float32, 2e-5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_optim_muon_bf16(nesterov):
+    # Unpatched torch.optim.Muon runs its NS in bf16; so does DistMuon here. The quintic schedule
+    # does not converge (singular values end in ~[0.5, 1.5], per torch), so bf16 rounding differences are
+    # amplified: each side is ~1.2% of the update away from the fp32 result (measured), and the two
+    # differ by 0.2-2.0% (measured, torch fuses addmm and normalises with clamp(min=eps)). 3e-2
+    # covers that; the rule itself is checked to 2e-5 by test_matches_torch_optim_muon_fp32.
+    _compare_with_torch_muon(nesterov, torch.bfloat16, 3e-2)
 
 
 def _one_matrix(t):
@@ -62,7 +113,8 @@ def test_fp32_matches_fp64_design_rule(method, adjust_lr):
             new, buf = muon_step64(shadow[i][0], g, shadow[i][1], method=method, adjust_lr=adjust_lr,
                                    matrices=_one_matrix, **hyper)
             ours, ref = p.detach().double() - before[i], new - shadow[i][0]
-            assert (ours - ref).norm() / ref.norm() < 1e-4
+            # fp32 NS against fp64: measured <= 1e-5 of the update
+            assert (ours - ref).norm() / ref.norm() < 5e-5
             shadow[i] = (p.detach().double().clone(), buf)
 
 
@@ -73,11 +125,14 @@ def test_adamw_groups_match_torch_adamw():
                         "weight_decay": 0.02}], lr=0.5)
     ref = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02)
     for step in range(5):
-        grads = _grads(ours, step)
-        _set_grads(ours, grads), _set_grads(theirs, grads)
-        opt.step(), ref.step()
+        # the same torch AdamW arithmetic on both sides: fp32 rounding of the update only
+        for i, (d, r) in enumerate(_step_updates(ours, theirs, opt, ref, _grads(ours, step))):
+            assert _rel(d, r) < 1e-6, (step, i, _rel(d, r))
+        _resync(ours, theirs)
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], rtol=1e-6, atol=0)
+        assert float(opt.state[a]["step"]) == float(ref.state[b]["step"]) == 5
 
 
 def test_constructor_adamw_defaults_apply_to_adamw_groups():
@@ -92,7 +147,8 @@ def test_constructor_adamw_defaults_apply_to_adamw_groups():
 
 
 def _views_vs_separate(fused_shape, view, pieces, fp32=True):
-    """Step a fused parameter with a view and the same blocks as separate parameters; compare."""
+    """Step a fused parameter with a view and the same blocks as separate parameters; compare the
+    updates of every block, step by step (fp32 NS on the same matrices: fp32 rounding only)."""
     (fused,) = _params(fused_shape, seed=7)
     separate = [nn.Parameter(fused.detach()[idx].clone()) for idx in pieces]
     kw = dict(lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, adjust_lr="original")
@@ -100,12 +156,18 @@ def _views_vs_separate(fused_shape, view, pieces, fp32=True):
     opt_s = dm.DistMuon([{"params": separate, "algorithm": "muon"}], **kw)
     for step in range(3):
         (g,) = _grads([fused], step)
+        fused_before = fused.detach().double().clone()
+        separate_before = [p.detach().double().clone() for p in separate]
         fused.grad = g.clone()
         for p, idx in zip(separate, pieces):
             p.grad = g[idx].clone()
         opt_f.step(), opt_s.step()
-    for p, idx in zip(separate, pieces):
-        torch.testing.assert_close(fused.detach()[idx], p.detach(), rtol=1e-5, atol=1e-6)
+        for p, p0, idx in zip(separate, separate_before, pieces):
+            d, r = (fused.detach().double() - fused_before)[idx], p.detach().double() - p0
+            assert _rel(d, r) < 1e-5, (step, idx, _rel(d, r))
+        with torch.no_grad():
+            for p, idx in zip(separate, pieces):
+                p.copy_(fused.detach()[idx])
 
 
 def test_3d_experts_equal_separate_matrices():
@@ -131,13 +193,14 @@ def test_experts_with_fused_gate_up_split():
 def test_conv_weight_is_flattened():
     (conv,) = _params((6, 2, 3, 3))
     (flat,) = [nn.Parameter(conv.detach().reshape(6, 18).clone())]
+    before = flat.detach().double().clone()
     kw = dict(lr=0.05, ns_dtype=torch.float32)
     a = dm.DistMuon([{"params": [conv], "algorithm": "muon"}], **kw)
     b = dm.DistMuon([{"params": [flat], "algorithm": "muon"}], **kw)
     g = torch.randn(6, 2, 3, 3)
     conv.grad, flat.grad = g.clone(), g.reshape(6, 18).clone()
     a.step(), b.step()
-    torch.testing.assert_close(conv.detach().reshape(6, 18), flat.detach(), rtol=1e-5, atol=1e-6)
+    assert _rel(conv.detach().reshape(6, 18).double() - before, flat.detach().double() - before) < 1e-5
 
 
 def test_state_is_eager_and_state_dict_round_trips_exactly():
@@ -179,13 +242,30 @@ def test_lr_scheduler_drives_each_group_and_closure_is_supported():
     assert [g["lr"] for g in opt.param_groups] == [0.01, 5e-4]
 
 
-def test_zero_lr_zero_grad_step_is_a_no_op_for_parameters():
-    (w,) = _params((8, 4))
-    before = w.detach().clone()
-    opt = dm.DistMuon([{"params": [w], "algorithm": "muon"}], lr=0.0, weight_decay=0.1)
-    w.grad = torch.zeros_like(w)
-    opt.step()
-    assert torch.equal(w, before)
+@pytest.mark.parametrize("algorithm", ["muon", "muown", "adamw"])
+def test_zero_lr_step_is_a_no_op_and_lr_is_what_moves_parameters(algorithm):
+    # DCP runs a zero-lr, zero-grad step to materialise optimizer state; it must not move anything.
+    # Weight decay is on, so an optimizer that ignored lr (or applied decay without it) would move
+    # the weights; the nonzero-lr control proves the same setup does move them.
+    def one_step(lr, grad):
+        (w,) = _params((8, 12))
+        opt = dm.DistMuon([{"params": [w], "algorithm": algorithm}], lr=lr, weight_decay=0.1, ns_dtype=torch.float32)
+        before = w.detach().clone()
+        w.grad = grad(w)
+        opt.step()
+        return w.detach(), before
+
+    moved, before = one_step(0.02, torch.zeros_like)
+    assert (moved - before).abs().max() > 1e-4, "weight decay with lr > 0 must move the weights"
+    moved, before = one_step(0.02, torch.randn_like)
+    assert (moved - before).abs().max() > 1e-3, "a gradient step with lr > 0 must move the weights"
+    for grad in (torch.zeros_like, torch.randn_like):
+        still, before = one_step(0.0, grad)
+        if algorithm == "muown":
+            # W = g·v/‖v‖ is recomposed from its fp32 factors: exact up to fp32 rounding
+            torch.testing.assert_close(still, before, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(still, before), f"{algorithm}: lr=0 moved the weights"
 
 
 def test_params_without_grad_are_left_alone():
@@ -268,6 +348,5 @@ def test_compile_ns_option_gives_the_same_step():
     kw = dict(lr=0.05, ns_dtype=torch.float32)
     opt_a = dm.DistMuon([{"params": a}], compile_ns=True, **kw)
     opt_b = dm.DistMuon([{"params": b}], **kw)
-    _set_grads(a, _grads(a, 0)), _set_grads(b, _grads(b, 0))
-    opt_a.step(), opt_b.step()
-    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    ((d, r),) = _step_updates(a, b, opt_a, opt_b, _grads(a, 0))
+    assert _rel(d, r) < 1e-5
