@@ -159,8 +159,9 @@ def run_both(
 
     Gradients are drawn in fp32 and cast to the parameter's dtype, or to ``grad_dtype`` when given
     (then both sides' ``grad_dtype`` attribute is set so torch accepts the mismatch). With
-    ``updates`` (a list), each step appends {name: (distributed update, reference update)}, the
-    full-tensor ``p_after - p_before`` in fp64 (see ``update_errors``).
+    ``updates`` (a list), each step appends {name: (distributed update, reference update, reference
+    parameter after the step)}, full tensors in fp64, updates being ``p_after - p_before``
+    (see ``update_errors``).
     Returns (distributed optimizer, reference optimizer, reference params).
     """
     common = {} if common is None else common
@@ -181,7 +182,7 @@ def run_both(
         ref.step()
         if updates is not None:
             after = _fulls(entries, reference)
-            updates.append({name: (a[0] - b[0], a[1] - b[1]) for (name, a), b in zip(after.items(), before.values())})
+            updates.append({name: (a[0] - b[0], a[1] - b[1], a[1]) for (name, a), b in zip(after.items(), before.values())})
     return opt, ref, reference
 
 
@@ -209,7 +210,7 @@ def update_errors(entries, opt, ref, reference, updates) -> dict[str, float]:
     """
     errors = {}
     for step in updates:
-        for name, (d, r) in step.items():
+        for name, (d, r, _) in step.items():
             if not r.any() and not d.any():
                 continue  # nothing moved on either side (e.g. lr 0): nothing to compare
             errors[name] = max(errors.get(name, 0.0), _rel(d, r))

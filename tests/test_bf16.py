@@ -218,9 +218,10 @@ def _fsdp_vs_single(world: int, grad_dtype=None):
     opt, ref, reference = layouts.run_both(entries, steps=3, common={"ns_dtype": torch.float32}, updates=updates,
                                            grad_dtype=grad_dtype, **hyper)
     dtypes = {e.name: ({k: v.dtype for k, v in opt.state[e.param].items()}, e.param.dtype) for e in entries}
-    # Per step and parameter: relative error of the update, and how many elements differ at all.
-    errors = {(s, name): (float((d - r).norm() / r.norm()), int((d != r).sum()), r.numel())
-              for s, step in enumerate(updates) for name, (d, r) in step.items()}
+    # Per step and parameter: elements that differ at all, the largest difference in bf16 spacings
+    # of the parameter, and the update's norm (it must not be zero).
+    errors = {(s, name): (int((d != r).sum()), float(((d - r).abs() / ulp(after)).max()), float(r.norm()))
+              for s, step in enumerate(updates) for name, (d, r, after) in step.items()}
     return errors, dtypes
 
 
@@ -230,12 +231,14 @@ def test_bf16_fsdp_step_equals_single_process(pool2, grad_dtype):
     for name, (state, param) in dtypes.items():
         assert param == BF16 and state == STATE_DTYPES[SPECS[name][1]], (name, state)
     assert {name for _, name in errors} == set(SPECS)
+    assert all(norm > 0 for _, _, norm in errors.values())
     # Both sides compute the same fp32 values up to fp32 rounding (~1e-6 of the update, see
-    # test_sharding_invariance), then round them to bf16: almost every element is bitwise equal,
-    # and an fp32 difference can flip the rounding of a few elements by one bf16 ulp (~1% of that
-    # element's update). 1e-3 of the update's norm is one such flip in a 100-element tensor at most.
-    bad = {k: v for k, v in errors.items() if v[0] > 1e-3}
-    assert not bad, f"distributed bf16 updates differ from the single-process step: {bad}"
+    # test_sharding_invariance) and round them to bf16, so almost every element is bitwise equal;
+    # an fp32 difference can flip the rounding of an element by one bf16 spacing (measured: one
+    # element in 3 steps). A distributed error of 1e-4 of the update already flips 5-20% of the
+    # elements of the parameters that travel between ranks.
+    bad = {k: v for k, v in errors.items() if v[0] > 2 or v[1] > 1.0}
+    assert not bad, f"distributed bf16 updates differ from the single-process step (elements, spacings): {bad}"
 
 
 def _dcp_resume(root: str):
