@@ -16,7 +16,9 @@ import torch
 from torch.distributed.tensor import Shard
 
 from dist_muon import plan as plan_mod
-from dist_muon.numerics import resolve_schedule
+from dist_muon.layout import dtensor_layout
+from dist_muon.numerics import NSKey, resolve_schedule
+from dist_muon.schedule import local_schedule
 from dist_muon.views import build_view
 
 
@@ -32,12 +34,12 @@ class RankGrid:
 def deepseek_v3_specs(world: int, layers: int = 58, experts: int = 256) -> list:
     grid = RankGrid(world)
     schedule = resolve_schedule("polar_express", 5)
-    key = ("bfloat16", schedule.coefficients, schedule.norm_scale, schedule.eps)
+    key = NSKey(torch.bfloat16, schedule)
     shapes = [("w1", (experts, 2048, 7168)), ("w3", (experts, 2048, 7168)), ("w2", (experts, 7168, 2048)),
               ("wq", (24576, 7168)), ("wkv", (4096, 7168)), ("wo", (7168, 16384))]
     return [
         plan_mod.MatrixSpec(f"layers.{i}.{name}", build_view(shape),
-                            plan_mod.dtensor_layout(shape, grid, [Shard(0)], range(world)), key, "original", 2)
+                            dtensor_layout(shape, grid, [Shard(0)], range(world)), key, "original", 0)
         for i in range(layers) for name, shape in shapes
     ]
 
@@ -52,7 +54,7 @@ def main(argv=None) -> None:
     t1 = time.perf_counter()
     plan = plan_mod.build_plan(specs, args.world_size, bucket_bytes=int(args.bucket_gib * 2**30))
     t2 = time.perf_counter()
-    plan_mod.local_schedule(plan, 0)
+    local_schedule(plan, 0)
     t3 = time.perf_counter()
     print(json.dumps({
         "world_size": args.world_size, "matrices": len(plan.matrices), "buckets": len(plan.buckets),
