@@ -56,7 +56,8 @@ def resolve_comm_group(params: Sequence[torch.Tensor], process_group: Optional[d
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The tensor a DTensor wraps (``to_local()`` would dispatch a view op per call, per step)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def all_to_all(comm: CommGroup, send: torch.Tensor, recv: torch.Tensor, send_counts: Sequence[int],
