@@ -182,7 +182,8 @@ def run_both(
         ref.step()
         if updates is not None:
             after = _fulls(entries, reference)
-            updates.append({name: (a[0] - b[0], a[1] - b[1], a[1]) for (name, a), b in zip(after.items(), before.values())})
+            updates.append({name: (a[0] - b[0], a[1] - b[1], a[1])
+                            for (name, a), b in zip(after.items(), before.values())})
     return opt, ref, reference
 
 

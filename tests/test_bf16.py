@@ -207,7 +207,8 @@ def _fsdp_module(world: int, seed: int = 0) -> nn.Module:
 
 def _fsdp_entries(world: int) -> list[layouts.Entry]:
     fulls = {n: p.detach().clone() for n, p in make_module().named_parameters()}
-    return [layouts.Entry(n, p, fulls[n], {"algorithm": SPECS[n][1]}) for n, p in _fsdp_module(world).named_parameters()]
+    module = _fsdp_module(world)
+    return [layouts.Entry(n, p, fulls[n], {"algorithm": SPECS[n][1]}) for n, p in module.named_parameters()]
 
 
 def _fsdp_vs_single(world: int, grad_dtype=None):
