@@ -340,9 +340,11 @@ class DistMuon(torch.optim.Optimizer):
             return
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        locals_ = [comm.local_tensor(p) for p in params]
+        grads = [comm.local_tensor(p.grad) for p in params]
         adamw_functional(
-            [comm.local_tensor(p) for p in params],
-            [comm.local_tensor(p.grad) for p in params],
+            locals_,
+            [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, locals_)],  # lerp needs one dtype
             [comm.local_tensor(s["exp_avg"]) for s in states],
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
             [],
