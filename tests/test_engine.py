@@ -136,3 +136,17 @@ def test_a_setting_changed_on_one_rank_after_construction_raises_on_every_rank(p
         pool4.run(_changed_after_construction, kind)
     assert len(info.value.failures) == 4, "every rank must raise, none may hang"
     assert all("RankDisagreement" in msg for msg in info.value.failures.values()), info.value
+
+
+def test_updates_follow_a_parameter_whose_storage_is_replaced():
+    """Frozen views into outputs must not write into a parameter's old storage after ``p.data = ...``."""
+    W = torch.nn.Parameter(torch.randn(6, 8, 4))
+    opt = dm.DistMuon([{"params": [W], "algorithm": "muon"}], lr=0.1, bucket_bytes=800, ns_dtype=torch.float32)
+    assert len(opt.plan.buckets) > 1  # each expert's update is a view into W, not W itself
+    W.grad = torch.randn_like(W)
+    opt.step()
+    W.data = W.data.clone()
+    before = W.detach().clone()
+    W.grad = torch.randn_like(W)
+    opt.step()
+    assert all(not torch.equal(W[e], before[e]) for e in range(W.shape[0]))

@@ -139,7 +139,7 @@ class BucketRunner:
         self.workspace = Workspace(self.schedules, device)
         self.buckets = [self._freeze(s) for s in self.schedules]
         self.workspace.release()
-        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._outputs: tuple[int, ...] = ()
         totals = StepStats(rank=group.rank, buckets=len(schedules), workspace_bytes=sum(self.workspace.nbytes))
         for s in self.schedules:
             totals.matrices_owned += s.matrices
@@ -178,14 +178,16 @@ class BucketRunner:
         return out
 
     def _bind_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
-        """Views into the outputs, remade only when an output is not the tensor it was."""
-        if len(outputs) == len(self._outputs) and all(a is b for a, b in zip(outputs, self._outputs)):
+        """Views into the outputs, remade only when an output's memory moved (``p.data = ...``,
+        FSDP2 resharding, a new tensor)."""
+        addresses = tuple(t.data_ptr() for t in outputs)
+        if addresses == self._outputs:
             return
         for bucket in self.buckets:
             for copies in (bucket.apply_local, bucket.apply_received):
                 for pos, w in copies.output_dst:
                     copies.dst[pos] = _output_view(outputs[w.space.param], w)
-        self._outputs = tuple(outputs)
+        self._outputs = addresses
 
     # -- one step
 
