@@ -5,7 +5,9 @@ settings, and returns either an optimizer (anything with ``step()``) or raises `
 with the reason it cannot run on this setup (recorded in the JSON, never dropped silently).
 
 Common settings (everyone): lr, momentum 0.95, Nesterov, weight decay 0, Keller's quintic
-Newton–Schulz, 5 steps, bf16, update scale sqrt(max(1, m/n)) — torch.optim.Muon's rule.
+Newton–Schulz, 5 steps, update scale sqrt(max(1, m/n)) — torch.optim.Muon's rule. NS runs in
+``Settings.ns_dtype``: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are ~10x slower; the
+PyPI peers pick their own NS dtype).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Settings:
     device: str  # "cpu" or "cuda"
     bucket_bytes: int
     eager_peers: bool = False  # run peers' @torch.compile'd NS loops eagerly (fast smoke runs)
+    ns_dtype: torch.dtype = torch.bfloat16
 
 
 def _eager(fn):
@@ -44,7 +47,7 @@ def _eager(fn):
 class NaiveMuon(torch.optim.Optimizer):
     """The baseline DistMuon replaces: all-gather every matrix, Newton–Schulz on EVERY rank, keep your shard.
 
-    Same rule and same numerics (dist_muon's NS kernel, quintic, bf16) as DistMuon, so the difference
+    Same rule and same numerics (dist_muon's NS kernel, quintic, same dtype) as DistMuon, so the difference
     in time is only the distribution strategy. Momentum lives on the local shard.
     """
 
@@ -99,11 +102,11 @@ def build_dist_muon(params, names, s: Settings):
 
     group = {"params": params, "param_names": names, "algorithm": "muon"}
     return dm.DistMuon([group], lr=s.lr, momentum=MOMENTUM, nesterov=True, weight_decay=0.0, ns_method="quintic",
-                       ns_steps=NS_STEPS, ns_dtype=torch.bfloat16, adjust_lr="original", bucket_bytes=s.bucket_bytes)
+                       ns_steps=NS_STEPS, ns_dtype=s.ns_dtype, adjust_lr="original", bucket_bytes=s.bucket_bytes)
 
 
 def build_naive(params, names, s: Settings):
-    return NaiveMuon(params, lr=s.lr)
+    return NaiveMuon(params, lr=s.lr, ns_dtype=s.ns_dtype)
 
 
 def build_adamw(params, names, s: Settings):
@@ -183,7 +186,7 @@ def build_torchtitan_muon(params, names, s: Settings):
 
 # name -> (builder, note). Order is the order of the JSON and the tables.
 DISTRIBUTED = {
-    "dist_muon": (build_dist_muon, "this project; quintic bf16 NS, balanced owners, bucketed all-to-all"),
+    "dist_muon": (build_dist_muon, "this project; quintic NS, balanced owners, bucketed all-to-all"),
     "naive": (build_naive, "all-gather every matrix, NS on every rank, keep the shard (dist_muon NS kernel)"),
     "muon_fsdp2": (build_muon_fsdp2, "PyPI muon-fsdp2: gather to owner = index % W, NS (torch.compile), scatter"),
     "dtensor_muon": (build_dtensor_muon, "PyPI dtensor-muon Muon: full_tensor() on every rank, NS, redistribute "

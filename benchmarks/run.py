@@ -2,13 +2,17 @@
 
     python -m benchmarks.run --world-size 4 --json docs/benchmark_results/w4.json
 
-One command: it spawns W processes itself (torch.multiprocessing spawn; gloo on CPU, NCCL on CUDA),
-builds the same Llama-like stack of matrices on every rank, shards it with FSDP2 ``fully_shard``
-on a 1-D mesh, and for every implementation in turn: a fresh copy of the model (identical initial
-weights), fixed identical gradients, one checked step (its update is compared with
-``torch.optim.Muon`` on full tensors in one process), warmup steps, then timed steps. Each timed
-step is ``barrier; t0; opt.step(); barrier; t1`` so it is the slowest rank's time. Every process
-runs with ``torch.set_num_threads(1)`` (``--threads``) so W processes share the cores fairly.
+One command: it first runs the reference, ``torch.optim.Muon`` on full tensors in this process
+(its update and step time), then spawns W processes (torch.multiprocessing spawn; gloo on CPU,
+NCCL on CUDA) that build the same Llama-like stack of matrices on every rank, shard it with FSDP2
+``fully_shard`` on a 1-D mesh, and for every implementation in turn: a fresh copy of the model
+(identical initial weights), fixed identical gradients, one checked step (its update is compared
+with the reference's), warmup steps, then timed steps. Each timed step is ``barrier; t0;
+opt.step(); barrier; t1`` so it is the slowest rank's time. Every process runs with
+``torch.set_num_threads(1)`` (``--threads``) so W processes share the cores fairly.
+
+Newton–Schulz runs in ``--ns-dtype`` (default ``auto``: bfloat16 on CUDA, float32 on CPU, whose
+bf16 matmuls are ~10x slower), the reference included.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -38,7 +44,7 @@ MODELS = {
     "medium": dict(dim=1024, layers=4, heads=16, kv_heads=4, ffn=2752),
 }
 
-REL_ERR_OK = 5e-2  # bf16 NS: implementations differ by rounding only (~1e-3..1e-2)
+REL_ERR_OK = 5e-2  # implementations differ by NS rounding only (~1e-3..1e-2 in bf16, far less in fp32)
 
 
 class Block(nn.Module):
@@ -101,26 +107,59 @@ def _rel_err(delta: dict, ref: dict) -> tuple[float, float, dict]:
     return (num / den) ** 0.5, max(per.values()), per
 
 
-def _reference(args, grads, device) -> tuple[dict, list[float]]:
-    """torch.optim.Muon on one process, full tensors: reference update and its step times."""
+@contextmanager
+def _torch_muon_ns_dtype(dtype: torch.dtype):
+    """torch.optim.Muon with its Newton–Schulz in ``dtype`` (torch hard-codes bfloat16, slow on CPU).
+
+    The loop is torch/optim/_muon.py's ``_zeropower_via_newtonschulz`` with only the cast changed.
+    """
+    from torch.optim import _muon
+
+    original = _muon._zeropower_via_newtonschulz
+
+    def ns(grad, ns_coefficients, ns_steps, eps):
+        a, b, c = ns_coefficients
+        x = grad.to(dtype)
+        if grad.size(0) > grad.size(1):
+            x = x.T
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if grad.size(0) > grad.size(1) else x
+
+    _muon._zeropower_via_newtonschulz = original if dtype == torch.bfloat16 else ns
+    try:
+        yield
+    finally:
+        _muon._zeropower_via_newtonschulz = original
+
+
+def _reference(args, device) -> tuple[dict, list[float]]:
+    """torch.optim.Muon in one process on full tensors: the reference update and its step times.
+
+    Run before any worker starts, so no rank waits on it and its timing has the machine to itself.
+    """
+    grads = fixed_grads(make_model(args.model))
     model = make_model(args.model).to(device)
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     opt = torch.optim.Muon(params, lr=args.lr, momentum=peers.MOMENTUM, nesterov=True, weight_decay=0.0,
-                           ns_steps=peers.NS_STEPS)  # quintic (3.4445, -4.775, 2.0315), bf16, eps 1e-7
+                           ns_steps=peers.NS_STEPS)  # quintic (3.4445, -4.775, 2.0315), eps 1e-7
     before = {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
-    _set_grads(params, names, grads, 0, 1)
-    opt.step()
-    ref = {n: p.detach().float().cpu() - before[n] for n, p in zip(names, params)}
     times = []
-    for i in range(args.warmup - 1 + args.steps):
+    with _torch_muon_ns_dtype(args.ns_dtype):
         _set_grads(params, names, grads, 0, 1)
-        _sync(device)
-        t0 = time.perf_counter()
         opt.step()
-        _sync(device)
-        if i >= args.warmup - 1:
-            times.append(time.perf_counter() - t0)
+        ref = {n: p.detach().float().cpu() - before[n] for n, p in zip(names, params)}
+        for i in range(args.warmup - 1 + args.steps):
+            _set_grads(params, names, grads, 0, 1)
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            if i >= args.warmup - 1:
+                times.append(time.perf_counter() - t0)
     return ref, times
 
 
@@ -140,7 +179,7 @@ def _bench_one(name, args, grads, rank, world, device, mesh):
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     settings = peers.Settings(lr=args.lr, world=world, device=device.type, bucket_bytes=args.bucket_bytes,
-                              eager_peers=args.eager_peers)
+                              eager_peers=args.eager_peers, ns_dtype=args.ns_dtype)
     opt = builder(params, names, settings)  # may raise peers.Unavailable (same on every rank)
     before = {n: _full(p) for n, p in zip(names, params)}
     _set_grads(params, names, grads, rank, world)
@@ -161,18 +200,27 @@ def _bench_one(name, args, grads, rank, world, device, mesh):
                 stats.append(opt.last_step_stats.as_dict())
     extra = {}
     if name == "dist_muon":
+        from .measure import peak_transient_bytes
+
+        _set_grads(params, names, grads, rank, world)
+        dist.barrier()
+        peak = peak_transient_bytes(opt.step, device)  # the allocator's account, not the optimizer's own
         extra = dict(imbalance=opt.plan.imbalance(), bucket_bytes=opt.bucket_bytes,
                      largest_matrix_bytes=max(m.nbytes for m in opt.plan.matrices), buckets=len(opt.plan.buckets),
-                     plan=opt.plan.describe(), stats=stats)
+                     plan=opt.plan.describe(), stats=stats, peak_step_bytes=peak)
     elif name == "naive":
         extra = dict(peak_full_bytes=opt.peak_full_bytes)
     return delta, times, extra
 
 
+def _use_cuda(args) -> bool:
+    return torch.cuda.is_available() and not args.cpu
+
+
 def _worker(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available() and not args.cpu
+    cuda = _use_cuda(args)
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -188,15 +236,7 @@ def _worker(rank, world, port, args, queue):
         grads = fixed_grads(make_model(args.model))
         result = {"seconds": {}, "step_times": {}, "rel_error": {}, "rel_error_worst_param": {}, "status": {},
                   "notes": {n: note for n, (_, note) in peers.DISTRIBUTED.items()}}
-        ref = None
-        if rank == 0:
-            ref, times = _reference(args, grads, device)
-            result["seconds"]["torch_muon_single"] = statistics.median(times)
-            result["step_times"]["torch_muon_single"] = times
-            result["rel_error"]["torch_muon_single"] = 0.0
-            result["status"]["torch_muon_single"] = "ok"
-            result["notes"]["torch_muon_single"] = "torch.optim.Muon, one process, full tensors: the reference"
-        dist.barrier()
+        ref = torch.load(args.ref_path) if rank == 0 else None
         for name in args.impls:
             try:
                 delta, times, extra = _bench_one(name, args, grads, rank, world, device, mesh)
@@ -216,6 +256,9 @@ def _worker(rank, world, port, args, queue):
                 per_rank = [None] * world
                 dist.all_gather_object(per_rank, extra.pop("stats"))
                 extra["per_rank_stats"] = per_rank  # [rank][timed step] -> StepStats.as_dict()
+                peaks = [None] * world
+                dist.all_gather_object(peaks, extra.pop("peak_step_bytes"))
+                extra["per_rank_peak_step_bytes"] = peaks
             if name == "naive":
                 result["naive_peak_full_bytes"] = extra.pop("peak_full_bytes")
             result.update({k: v for k, v in extra.items()})
@@ -270,7 +313,8 @@ def summarize(result: dict, args) -> dict:
     out = {"world_size": args.world_size, "model": args.model, "model_config": MODELS[args.model],
            "seconds": result["seconds"]}
     if stats is not None:
-        out["extra_mem_bytes"] = max(s["peak_assembled_bytes"] for rank in stats for s in rank)
+        # transient memory of one dist_muon step, worst rank, from the allocator (benchmarks.measure)
+        out["extra_mem_bytes"] = max(result.pop("per_rank_peak_step_bytes"))
         out["ns_flops_per_rank"] = [rank[-1]["ns_flops"] for rank in stats]
         out["dist_muon_stats_rank0_median"] = {
             k: statistics.median(s[k] for s in stats[0]) for k in ("comm_seconds", "ns_seconds", "bytes_sent",
@@ -296,7 +340,8 @@ def summarize(result: dict, args) -> dict:
     out["step_times"] = result["step_times"]
     out["plan"] = result.get("plan")
     out["settings"] = dict(lr=args.lr, momentum=peers.MOMENTUM, nesterov=True, weight_decay=0.0,
-                           ns="quintic (3.4445, -4.7750, 2.0315), 5 steps, bf16", adjust_lr="sqrt(max(1, m/n))",
+                           ns=f"quintic (3.4445, -4.7750, 2.0315), 5 steps, {str(args.ns_dtype).replace('torch.', '')}",
+                           adjust_lr="sqrt(max(1, m/n))",
                            threads_per_process=args.threads, eager_peers=args.eager_peers, warmup=args.warmup, steps=args.steps,
                            timing="median over timed steps of barrier-to-barrier opt.step() wall time")
     out["machine"] = machine()
@@ -319,33 +364,35 @@ def main(argv=None) -> dict:
                     help="disable torch.compile inside peers (muon-fsdp2, dtensor-muon): a fast smoke run; "
                          "timings then are not the peers' defaults")
     ap.add_argument("--cpu", action="store_true", help="stay on CPU/gloo even if CUDA exists")
+    ap.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="Newton-Schulz dtype of every implementation and the reference; auto: bfloat16 on CUDA, "
+                         "float32 on CPU")
     ap.add_argument("--timeout", type=float, default=1800, help="whole run, seconds")
     ap.add_argument("--collective-timeout", type=float, default=300, help="per collective, seconds")
     args = ap.parse_args(argv)
     args.warmup = max(1, args.warmup)
     args.bucket_bytes = int(args.bucket_mib * 2**20)
     args.impls = [s for s in args.impls.split(",") if s]
+    args.ns_dtype = getattr(torch, args.ns_dtype) if args.ns_dtype != "auto" else (
+        torch.bfloat16 if _use_cuda(args) else torch.float32)
     unknown = set(args.impls) - set(peers.DISTRIBUTED)
     if unknown:
         ap.error(f"unknown --impls {sorted(unknown)}; choose from {list(peers.DISTRIBUTED)}")
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.time() + args.timeout
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.time()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    if queue.empty():
-        raise SystemExit(f"benchmark failed: no result from rank 0 (exit codes {[p.exitcode for p in procs]})")
-    kind, payload = queue.get()
+    torch.set_num_threads(args.threads)
+    ref, ref_times = _reference(args, torch.device("cuda") if _use_cuda(args) else torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args.ref_path = os.path.join(tmp, "reference.pt")
+        torch.save(ref, args.ref_path)
+        del ref
+        kind, payload = _spawn(args)
     if kind != "ok":
-        raise SystemExit(f"benchmark failed on rank 0:\n{payload}")
+        raise SystemExit(f"benchmark failed: {payload}")
+    payload["seconds"]["torch_muon_single"] = statistics.median(ref_times)
+    payload["step_times"]["torch_muon_single"] = ref_times
+    payload["rel_error"]["torch_muon_single"] = 0.0
+    payload["status"] = {"torch_muon_single": "ok", **payload["status"]}
+    payload["notes"]["torch_muon_single"] = "torch.optim.Muon, one process, full tensors: the reference"
     out = summarize(payload, args)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -353,6 +400,42 @@ def main(argv=None) -> dict:
             json.dump(out, f, indent=1)
     print(format_table(out))
     return out
+
+
+def _spawn(args) -> tuple[str, object]:
+    """Run the workers; ("ok", rank 0's result) or ("error", why). A rank that dies ends the run at once."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + args.timeout
+    answer = None
+    try:
+        while answer is None:
+            if not queue.empty():  # read while rank 0 may still be writing (a full pipe would block it)
+                answer = queue.get()
+                break
+            failed = any(p.exitcode not in (None, 0) for p in procs)
+            if failed or not any(p.is_alive() for p in procs):
+                if procs[0].is_alive():  # rank 0 reports the error it saw, if the dead rank took it down
+                    procs[0].join(timeout=30)
+                answer = queue.get() if not queue.empty() else (
+                    "error", f"no result from rank 0; exit codes by rank {[p.exitcode for p in procs]}")
+            elif time.monotonic() > deadline:
+                answer = ("error", f"not finished after --timeout {args.timeout:g}s although no collective timed out "
+                                   f"(--collective-timeout {args.collective_timeout:g}s); raise --timeout")
+            else:
+                time.sleep(0.2)
+        for p in procs:
+            p.join(timeout=30)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return answer
 
 
 def format_table(out: dict) -> str:

@@ -6,19 +6,24 @@ Layout of a checkpoint root::
       step-3/              complete: renamed from step-3.tmp after dcp.save returned on every rank
         .metadata          DCP metadata
         __0_0.distcp ...   DCP data, one file per writing rank
-        COMPLETE.json      manifest: step, world size, size and sha256 of every file above
+        COMPLETE.json      manifest: step, world size, the size (and, opt-in, sha256) of every file above
       step-6.tmp/          being written (or interrupted): never considered by ``latest_checkpoint``
+
+The step-N directories and "latest" are for training loops of your own; torchtitan's
+CheckpointManager has its own layout and logic (docs/checkpointing.md).
 
 The state is saved with the standard ``torch.distributed.checkpoint.state_dict`` helpers, keyed
 by FQN, with the optimizer state flattened (``flatten_optimizer_state_dict=True``, as torchtitan
 does), so a checkpoint written at one world size / layout loads at another (FSDP 4 → 2, FSDP →
 HSDP, 4 → 1, 1 → 2 ...): DCP reshards every DTensor to the loading side's placements.
 
-Loading validates *before any tensor is written*: every parameter's optimizer state must be in the
-checkpoint with the same keys (so a parameter routed to a different algorithm, e.g. "muon" then and
-"adamw" now, is an error naming it), the same global shapes, and the same ``algorithm`` and view
-options in its param group. Other hyperparameters follow ``torch.optim`` semantics: the checkpoint's
-param-group values win over the constructor's (so LR schedulers resume where they were).
+Loading validates *before any tensor is written*, from DCP's ``.metadata`` and the small
+param-group entries only: every parameter's optimizer state must be in the checkpoint with the same
+keys (so a parameter routed to a different algorithm, e.g. "muon" then and "adamw" now, is an error
+naming it), the same global shapes, the same ``algorithm`` and view options, and the same param
+group (the same ``param_names`` beside it). Other hyperparameters follow ``torch.optim`` semantics:
+the checkpoint's param-group values win over the constructor's (so LR schedulers resume where they
+were).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ STATE_KEYS = {
 # Param-group keys that change what the optimizer *is* for a parameter, not a tunable value:
 # they must agree between the checkpoint and the running optimizer.
 STRUCTURAL_GROUP_KEYS = ("algorithm",) + tuple(VIEW_KEYS)
+# How much of the files ``verify_files`` reads: the manifest and file sizes (O(metadata)), or every byte.
+VERIFY_MODES = ("sizes", "sha256", "none")
 
 
 class CheckpointError(RuntimeError):
@@ -153,16 +160,30 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _hash_files(path: str, files: Sequence[str]) -> dict[str, dict]:
-    """Every rank hashes its share of the files; everyone gets the whole table."""
+def _hash_files(path: str, files: Sequence[str]) -> dict[str, str]:
+    """sha256 of every file; each rank hashes its share, everyone gets the whole table. Collective."""
     rank, world = _rank(), _world()
-    mine = {f: {"bytes": os.path.getsize(os.path.join(path, f)), "sha256": _sha256(os.path.join(path, f))}
-            for i, f in enumerate(files) if i % world == rank}
+    mine = {f: _sha256(os.path.join(path, f)) for i, f in enumerate(files) if i % world == rank}
     if not _dist():
         return mine
     parts: list = [None] * world
     dist.all_gather_object(parts, mine)
     return {k: v for part in parts for k, v in part.items()}
+
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: expected one of {VERIFY_MODES} ('sizes' reads only the manifest and "
+                         "file sizes; 'sha256' also reads every byte; 'none' skips the file checks)")
+
+
+def _everyone(problems: list[str]) -> list[str]:
+    """Every rank's problems, on every rank (the same list everywhere; collective)."""
+    if not _dist():
+        return problems
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, problems)
+    return list(dict.fromkeys(p for part in parts for p in part))
 
 
 def _agree(ok: bool, message: str) -> None:
@@ -191,12 +212,14 @@ def save_checkpoint(
     extra: Optional[dict] = None,
     keep_last: Optional[int] = None,
     on_written: Optional[Callable[[str], None]] = None,
+    checksums: bool = False,
 ) -> str:
     """Save model + optimizer (+ LR schedulers, + picklable ``extra``) as ``root/step-N``; collective.
 
-    Written to ``step-N.tmp``; after ``dcp.save`` returned on every rank, the files are hashed into
-    the ``COMPLETE.json`` manifest and the directory is renamed atomically to ``step-N``. A crash
-    at any point before the rename leaves only a ``.tmp`` directory, which resume ignores.
+    Written to ``step-N.tmp``; after ``dcp.save`` returned on every rank, the file list and sizes
+    (and with ``checksums=True`` the sha256 of every file, which reads the whole checkpoint back) go
+    into the ``COMPLETE.json`` manifest and the directory is renamed atomically to ``step-N``. A
+    crash at any point before the rename leaves only a ``.tmp`` directory, which resume ignores.
     ``keep_last`` deletes older complete checkpoints, keeping that many. ``on_written(tmp_path)`` runs
     on every rank after its ``dcp.save`` returned and before the commit (a hook for fault injection).
     """
@@ -214,14 +237,17 @@ def save_checkpoint(
     if on_written is not None:
         on_written(tmp)
     _barrier()  # dcp.save returned on every rank (its own finish step already synchronised metadata)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "step": int(step),
-        "world_size": _world(),
-        "torch": torch.__version__,
-        "files": _hash_files(tmp, _data_files(tmp)),
-    }
+    files = _data_files(tmp) if checksums or _rank() == 0 else []  # rank 0 renames tmp once it is done with it
+    hashes = _hash_files(tmp, files) if checksums else {}
     if _rank() == 0:
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": int(step),
+            "world_size": _world(),
+            "torch": torch.__version__,
+            "files": {f: {"bytes": os.path.getsize(os.path.join(tmp, f)),
+                          **({"sha256": hashes[f]} if checksums else {})} for f in files},
+        }
         marker_tmp = os.path.join(tmp, MARKER + ".partial")
         with open(marker_tmp, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -255,8 +281,17 @@ def _fsync_dir(path: str) -> None:
 # ----------------------------------------------------------------------------- validate
 
 
-def verify_files(path: str) -> dict:
-    """Check the checkpoint is complete and its files match the manifest (size, sha256); collective."""
+def verify_files(path: str, verify: str = "sizes") -> dict:
+    """Check the checkpoint is complete and its files match the manifest; collective. Returns the manifest.
+
+    ``"sizes"`` (default) reads the commit marker, the file list and sizes: O(metadata), catches
+    interrupted, missing and truncated files. ``"sha256"`` also hashes every byte against the
+    checksums written by ``save_checkpoint(..., checksums=True)``: it catches silent corruption at
+    the cost of reading the whole checkpoint. ``"none"`` skips the checks.
+    """
+    _check_verify(verify)
+    if verify == "none":
+        return {}
     ok, message, manifest = True, "", {}
     if not os.path.isdir(path):
         ok, message = False, f"checkpoint {path} does not exist"
@@ -275,8 +310,12 @@ def verify_files(path: str) -> dict:
         else:
             present = set(_data_files(path))
             missing = sorted(set(files) - present)
+            unhashed = sorted(f for f, info in files.items() if "sha256" not in info)
             if missing:
                 ok, message = False, f"checkpoint {path} is missing files {missing}"
+            elif verify == "sha256" and unhashed:
+                ok, message = False, (f"checkpoint {path} was saved without checksums, so verify='sha256' cannot "
+                                      "check it: load it with verify='sizes', or save with checksums=True")
             else:
                 for f, info in files.items():
                     size = os.path.getsize(os.path.join(path, f))
@@ -284,29 +323,40 @@ def verify_files(path: str) -> dict:
                         ok, message = False, f"checkpoint {path}: {f} has {size} bytes, the manifest says {info['bytes']} (truncated or corrupt)"
                         break
     _agree(ok, message)
-    actual = _hash_files(path, sorted(manifest["files"]))
-    bad = sorted(f for f, info in manifest["files"].items() if actual[f]["sha256"] != info["sha256"])
-    _agree(not bad, f"checkpoint {path} is corrupt: checksum mismatch in {bad}")
+    if verify == "sha256":
+        actual = _hash_files(path, sorted(manifest["files"]))
+        bad = sorted(f for f, info in manifest["files"].items() if actual[f] != info["sha256"])
+        _agree(not bad, f"checkpoint {path} is corrupt: checksum mismatch in {bad}")
     return manifest
 
 
-def _group_checks(path: str, optim_sd: dict, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Compare structural param-group keys (algorithm, view options) against the checkpoint's values.
+def _group_checks(path: str, optim_sd: dict, prefix: str) -> list[str]:
+    """Compare each parameter's structural param-group values (algorithm, view options, the names of
+    the parameters sharing its group) with the checkpoint's.
 
-    Loads only the small non-tensor param-group entries; nothing in the optimizer is touched.
+    Reads only these small non-tensor entries; nothing in the optimizer is touched. The group check
+    matters because ``set_optimizer_state_dict`` takes a group's values from its first parameter's
+    entries: regrouped parameters would load other parameters' hyperparameters, or fail
+    ``DistMuon.load_state_dict`` after DCP had already written the tensors.
     """
-    wanted = {k: None for k in optim_sd if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in STRUCTURAL_GROUP_KEYS}
-    probe = {"optim": dict(wanted)}
+    keys = ("param_names",) + STRUCTURAL_GROUP_KEYS
+    probe = {prefix + k: None for k in optim_sd if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in keys}
+    if not probe:
+        return []
     dcp.load(probe, checkpoint_id=path)
     problems = []
-    for key, theirs in probe["optim"].items():
-        fqn, option = key[len("param_groups."):].rsplit(".", 1)
-        ours = optim_sd[key]
-        if _normal(theirs) != _normal(ours):
-            if option == "algorithm":
-                problems.append(f"{fqn}: routed to {theirs!r} in the checkpoint but to {ours!r} now")
-            else:
-                problems.append(f"{fqn}: view option {option}={theirs!r} in the checkpoint but {ours!r} now")
+    for key, theirs in sorted(probe.items()):
+        fqn, option = key[len(prefix + "param_groups."):].rsplit(".", 1)
+        ours = optim_sd[key[len(prefix):]]
+        if _normal(theirs) == _normal(ours):
+            continue
+        if option == "algorithm":
+            problems.append(f"{fqn}: routed to {theirs!r} in the checkpoint but to {ours!r} now")
+        elif option == "param_names":
+            problems.append(f"{fqn}: its param group holds {list(theirs)} in the checkpoint but {list(ours)} now "
+                            "(build the param groups with the rules used when saving)")
+        else:
+            problems.append(f"{fqn}: view option {option}={theirs!r} in the checkpoint but {ours!r} now")
     return problems
 
 
@@ -316,24 +366,50 @@ def _normal(v):
     return v
 
 
-def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, verify: bool = True) -> dict:
-    """Raise CheckpointError (on every rank) unless ``path`` can be loaded into model + optimizer exactly.
+def checkpoint_problems(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    model_prefix: str = "model.",
+    optim_prefix: str = "optim.",
+    exclusive: bool = True,
+) -> list[str]:
+    """Why ``path`` cannot be loaded into model + optimizer exactly (empty: it can); collective.
 
-    Checks: completeness and checksums (``verify``), every model / optimizer key present with the
-    same global shape, per-parameter optimizer state keys equal (routing), structural param-group
-    options equal, no optimizer state for parameters the model does not have. Returns the manifest.
+    Reads DCP's ``.metadata`` (every key with its global shape) and the param-group entries named in
+    ``_group_checks``; no tensor is read and nothing is written. Keys are ``model_prefix + FQN`` and
+    ``optim_prefix + <flattened optimizer key>``: ``"model."``/``"optim."`` for ``save_checkpoint``,
+    ``""``/``"optimizer."`` for torchtitan's checkpoints. ``exclusive=False`` allows optimizer state
+    of parameters this optimizer lacks (a pipeline stage loading a checkpoint of all stages).
     """
-    manifest = verify_files(path) if verify else {}
-    ok, message = True, ""
+    current = training_state_dict(model, optimizer)
     try:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        ok, message, metadata = False, f"checkpoint {path}: cannot read DCP metadata ({type(e).__name__}: {e})", {}
-    _agree(ok, message)
-    current = training_state_dict(model, optimizer)
-    problems = _key_problems(metadata, current)
-    _agree(not problems, _format(path, problems))
-    problems = _group_checks(path, current["optim"], optimizer)
+        problems = [f"cannot read DCP metadata ({type(e).__name__}: {e})"]
+    else:
+        problems = _key_problems(metadata, current, model_prefix, optim_prefix, exclusive)
+    problems = _everyone(problems)  # before the collective dcp.load in _group_checks: all ranks or none
+    return problems or _everyone(_group_checks(path, current["optim"], optim_prefix))
+
+
+def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        verify: str = "sizes", lr_schedulers: Optional[Sequence[Any]] = None) -> dict:
+    """Raise CheckpointError (on every rank) unless ``path`` can be loaded into model + optimizer exactly.
+
+    Checks: completeness and files (``verify``, see ``verify_files``), every model / optimizer key
+    present with the same global shape, per-parameter optimizer state keys equal (routing),
+    structural param-group options and groups equal, no optimizer state for parameters the model
+    does not have, and (when given) as many LR schedulers as saved. Returns the manifest.
+    """
+    manifest = verify_files(path, verify)
+    problems = checkpoint_problems(path, model, optimizer)
+    if not problems and lr_schedulers is not None:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = len({k.split(".")[1] for k in metadata if k.startswith("lr_schedulers.")})
+        if saved != len(lr_schedulers):
+            problems = [f"{saved} LR schedulers were saved, {len(lr_schedulers)} were given"]
     _agree(not problems, _format(path, problems))
     return manifest
 
@@ -347,11 +423,11 @@ def _shape(t) -> tuple:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
 
-def _key_problems(metadata: dict, current: dict) -> list[str]:
+def _key_problems(metadata: dict, current: dict, model_prefix: str, optim_prefix: str, exclusive: bool) -> list[str]:
     problems = []
     # model
     for fqn, t in current["model"].items():
-        md = metadata.get(f"model.{fqn}")
+        md = metadata.get(model_prefix + fqn)
         if md is None:
             problems.append(f"{fqn}: parameter missing from the checkpoint")
         elif isinstance(t, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(t):
@@ -363,9 +439,10 @@ def _key_problems(metadata: dict, current: dict) -> list[str]:
             fqn, k = key[len("state."):].rsplit(".", 1)
             ours.setdefault(fqn, {})[k] = value
     theirs: dict[str, dict[str, Any]] = {}
+    state_prefix = optim_prefix + "state."
     for key, md in metadata.items():
-        if key.startswith("optim.state."):
-            fqn, k = key[len("optim.state."):].rsplit(".", 1)
+        if key.startswith(state_prefix):
+            fqn, k = key[len(state_prefix):].rsplit(".", 1)
             theirs.setdefault(fqn, {})[k] = md
     for fqn, state in ours.items():
         saved = theirs.get(fqn)
@@ -387,7 +464,7 @@ def _key_problems(metadata: dict, current: dict) -> list[str]:
             if isinstance(value, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(value):
                 problems.append(f"{fqn}: optimizer state {k!r} has shape {tuple(md.size)} in the checkpoint but "
                                 f"{_shape(value)} now")
-    for fqn in sorted(set(theirs) - set(ours)):
+    for fqn in sorted(set(theirs) - set(ours)) if exclusive else ():
         problems.append(f"{fqn}: the checkpoint has optimizer state for it but the optimizer has no such parameter")
     return problems
 
@@ -401,15 +478,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     *,
     lr_schedulers: Sequence[Any] = (),
-    verify: bool = True,
+    verify: str = "sizes",
 ) -> dict:
     """Validate, then load model + optimizer (+ LR schedulers) from ``path``, resharding as needed; collective.
 
     Returns the ``train_state`` dict saved with it (``step``, ``world_size``, ``extra``). Load the
-    schedulers here (after the optimizer) rather than constructing them afterwards.
+    schedulers here (after the optimizer) rather than constructing them afterwards. ``verify``: how
+    the files are checked first (``"sizes"``, ``"sha256"`` or ``"none"``, see ``verify_files``).
     """
-    validate_checkpoint(path, model, optimizer, verify=verify)
-    state = training_state_dict(model, optimizer)
+    validate_checkpoint(path, model, optimizer, verify=verify, lr_schedulers=lr_schedulers)
+    state = training_state_dict(model, optimizer)  # aliases the live tensors: dcp.load writes in place
     state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
     state["train_state"] = {"step": 0, "world_size": 0, "extra": {}}
     ok, message = True, ""
@@ -420,9 +498,6 @@ def load_checkpoint(
     _agree(ok, message)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"], options=optim_options())
-    if len(state["lr_schedulers"]) != len(lr_schedulers):
-        raise CheckpointError(f"checkpoint {path} has {len(state['lr_schedulers'])} LR schedulers, "
-                              f"{len(lr_schedulers)} were given")
     for scheduler, sd in zip(lr_schedulers, state["lr_schedulers"]):
         scheduler.load_state_dict(sd)
     return state["train_state"]
@@ -434,7 +509,7 @@ def resume(
     optimizer: torch.optim.Optimizer,
     *,
     lr_schedulers: Sequence[Any] = (),
-    verify: bool = True,
+    verify: str = "sizes",
 ) -> int:
     """Load the latest complete checkpoint under ``root``; returns its step (0 when there is none).
 
@@ -478,9 +553,8 @@ def check_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dic
                              f"parameters in the state dict, {len(group['params'])} in this optimizer")
         saved_names = saved.get("param_names")
         if saved_names is not None and list(saved_names) != names:
-            i = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
-            raise ValueError(f"param group {gi}: parameter {i} is {saved_names[i]!r} in the state dict but "
-                             f"{names[i]!r} in this optimizer")
+            raise ValueError(f"param group {gi} holds {list(saved_names)} in the state dict but {names} in this "
+                             "optimizer (build the param groups with the rules used when saving)")
         for key in STRUCTURAL_GROUP_KEYS:
             if key in saved and _normal(saved.get(key)) != _normal(group.get(key)):
                 what = "routed to" if key == "algorithm" else f"{key}="

@@ -20,6 +20,8 @@ Resuming on a different number of ranks works too: DCP reshards parameters and o
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import math
 import os
 import signal
@@ -118,7 +120,7 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def init_distributed(backend: str) -> None:
+def init_distributed(backend: str, timeout_s: float) -> None:
     """init_process_group, with the store keys of each elastic attempt kept apart.
 
     With ``--rdzv-backend c10d`` the restarted workers reuse the agent's TCPStore, which still
@@ -128,7 +130,22 @@ def init_distributed(backend: str) -> None:
     """
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world)
+    # A collective timeout turns a hang (a peer stuck or gone) into an error, and an elastic restart.
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the job cleanly, every rank at once.
+
+    Everything holding the process group (model, optimizer, meshes) is freed first, then every rank
+    waits for the others and the group is destroyed while the interpreter is whole. A gloo group
+    still alive at interpreter teardown aborts the process ("terminate called without an active
+    exception") after it finished, which torchrun counts as a failure and restarts.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- main
@@ -145,7 +162,10 @@ def main() -> None:
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="Newton-Schulz dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--collective-timeout", type=float, default=600,
+                        help="seconds a collective may wait for the other ranks before the job fails")
     parser.add_argument("--no-moe", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=50)
@@ -156,9 +176,13 @@ def main() -> None:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    init_distributed("nccl" if use_cuda else "gloo")
+    init_distributed("nccl" if use_cuda else "gloo", args.collective_timeout)
+    train(args, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
+    shutdown()
+
+
+def train(args, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     fault = parse_fault()
 
     # Identical initialisation on every rank, then shard: each block, then the root.
@@ -173,7 +197,7 @@ def main() -> None:
     groups = dm.build_param_groups(model, rules=[(r"\.qkv\.weight$", {"split_sizes": (32, 32, 32)})])
     optimizer = dm.DistMuon(
         groups, lr=args.lr, adamw_lr=args.adamw_lr, weight_decay=args.weight_decay,
-        ns_dtype=getattr(torch, args.ns_dtype),
+        ns_dtype=args.ns_dtype,
     )
     warmup = max(1, args.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -217,8 +241,6 @@ def main() -> None:
     if rank == 0 and args.final_out:
         torch.save(final, args.final_out)
         print(f"final parameters saved to {args.final_out}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

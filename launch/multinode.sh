@@ -12,7 +12,12 @@
 #   GPUS_PER_NODE   processes per node, one per GPU              (default: GPUs seen by nvidia-smi, else 1)
 #   PYTHON          interpreter                                  (default python3)
 #   TORCHRUN_ARGS   extra torchrun flags, e.g. "--max-restarts 3"
+#   LOG_RANK        the global rank whose log is shown on the console (default 0)
+#   LOG_DIR         every rank's stdout/stderr, as files (default ./outputs/torchrun_logs)
 #
+# One log stream, as torchtitan's run_train.sh: only rank LOG_RANK's output reaches the console
+# (teed to its file too); every other rank writes only to its file under LOG_DIR (torchrun's
+# --redirects/--tee; <LOG_DIR>/<run id>_*/attempt_<n>/<local rank>/{stdout,stderr}.log).
 # All remaining arguments go to launch.train (torchtitan's --section.field flags).
 # Rendezvous is torchrun's static one: node ranks are fixed, node 0 hosts the store.
 # Run from the repo root (configs refer to assets/ by relative path).
@@ -31,6 +36,16 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
 fi
 
+LOG_RANK="${LOG_RANK:-0}"
+LOG_DIR="${LOG_DIR:-./outputs/torchrun_logs}"
+mkdir -p "$LOG_DIR"
+first_rank=$((NODE_RANK * GPUS_PER_NODE))
+if (( LOG_RANK >= first_rank && LOG_RANK < first_rank + GPUS_PER_NODE )); then
+    log_flags=(--tee 3 --local-ranks-filter "$((LOG_RANK - first_rank))" --role rank)
+else
+    log_flags=(--redirects 3)
+fi
+
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 
@@ -41,5 +56,6 @@ exec "${PYTHON:-python3}" -m torch.distributed.run \
     --nproc_per_node "$GPUS_PER_NODE" \
     --master_addr "$MASTER_ADDR" \
     --master_port "$MASTER_PORT" \
+    --log-dir "$LOG_DIR" "${log_flags[@]}" \
     ${TORCHRUN_ARGS:-} \
     -m launch.train "$@"

@@ -5,7 +5,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import DistributedPool  # noqa: E402
+from harness import TEST_TIMEOUT, DistributedPool, Launcher  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    # pytest-timeout is the backstop behind the harness's own limit (which fails with a clearer message):
+    # raising DIST_MUON_TEST_TIMEOUT raises both.
+    if "DIST_MUON_TEST_TIMEOUT" in os.environ:
+        for item in items:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT + 60))
 
 
 def _pool(world: int):
@@ -23,3 +33,13 @@ def pool2():
 @pytest.fixture(scope="module")
 def pool4():
     yield from _pool(4)
+
+
+@pytest.fixture
+def launcher():
+    """Starts jobs (torchrun ...) from the repo root; whatever is still running when the test ends is killed."""
+    launcher = Launcher(REPO)
+    try:
+        yield launcher
+    finally:
+        launcher.close()

@@ -1,27 +1,51 @@
-"""A pool of gloo worker processes, started once per test module, that runs a function on every rank.
+"""Process helpers for the tests: a pool of gloo workers, and launched jobs (torchrun) that never outlive a test.
 
-Functions must be importable module-level callables (they are pickled by name). A rank that
-raises makes ``run`` raise with that rank's traceback; a rank that hangs makes ``run`` raise
-after ``timeout`` seconds and the pool is torn down (the next ``run`` starts a fresh one).
+No test depends on how fast the machine is. Hangs are detected, not timed:
+
+* every process group (pool workers, launched jobs) has a collective timeout, ``COLLECTIVE_TIMEOUT``:
+  a rank stuck in a collective raises instead of waiting forever;
+* a watchdog polls the processes: a worker or a job that dies fails the test at once, naming it;
+* one generous overall limit, ``TEST_TIMEOUT`` (also pytest-timeout's per-test limit, see
+  conftest.py), is the last resort. Both limits are environment variables, for very slow machines:
+  ``DIST_MUON_TEST_TIMEOUT`` (default 900 s) and ``DIST_MUON_COLLECTIVE_TIMEOUT`` (default 300 s).
+
+Pool functions must be importable module-level callables (they are pickled by name).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
+import signal
 import socket
+import subprocess
 import sys
+import time
 import traceback
+import uuid
 
 import torch.multiprocessing as mp
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TEST_TIMEOUT = float(os.environ.get("DIST_MUON_TEST_TIMEOUT", "900"))
+COLLECTIVE_TIMEOUT = float(os.environ.get("DIST_MUON_COLLECTIVE_TIMEOUT", "300"))
+POLL = 0.5  # watchdog period: how soon a dead process is noticed
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _over_limit(what: str) -> str:
+    return (f"{what} did not finish within DIST_MUON_TEST_TIMEOUT={TEST_TIMEOUT:g}s although no collective timed "
+            f"out (DIST_MUON_COLLECTIVE_TIMEOUT={COLLECTIVE_TIMEOUT:g}s); on a very slow machine raise "
+            "DIST_MUON_TEST_TIMEOUT")
+
+
+# ----------------------------------------------------------------------------- worker pool
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
@@ -31,7 +55,8 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     while True:
         task = tasks.get()
         if task is None:
@@ -51,6 +76,13 @@ class RankFailure(RuntimeError):
 
 
 class DistributedPool:
+    """``world`` gloo worker processes, started on first use and reused; ``run`` calls a function on every rank.
+
+    A rank that raises makes ``run`` raise with its traceback. A rank that dies, or a rank that is still
+    silent a collective timeout after another rank failed (hung), tears the pool down (the next ``run``
+    starts a fresh one) and fails with a message naming it.
+    """
+
     def __init__(self, world: int):
         self.world = world
         self.procs = []
@@ -67,7 +99,7 @@ class DistributedPool:
         for p in self.procs:
             p.start()
 
-    def run(self, fn, *args, timeout: float = 180, **kwargs) -> list:
+    def run(self, fn, *args, **kwargs) -> list:
         """fn(*args, **kwargs) on every rank; returns the per-rank results, or raises RankFailure."""
         if not self.procs or not all(p.is_alive() for p in self.procs):
             self.close()
@@ -75,13 +107,24 @@ class DistributedPool:
         for q in self.tasks:
             q.put((fn, args, kwargs))
         out, failures = {}, {}
-        for _ in range(self.world):
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while len(out) + len(failures) < self.world:
             try:
-                rank, ok, value = self.results.get(timeout=timeout)
+                rank, ok, value = self.results.get(timeout=POLL)
             except queue.Empty:
-                self.close()
-                raise TimeoutError(f"{fn.__name__}: a rank did not answer within {timeout}s (hang?)") from None
+                pending = [r for r in range(self.world) if r not in out and r not in failures]
+                dead = {r: self.procs[r].exitcode for r in pending if not self.procs[r].is_alive()}
+                if dead:
+                    self.close()
+                    raise RankFailure({**failures, **{r: f"{fn.__name__}: rank {r} died (exit code {code})"
+                                                      for r, code in dead.items()}})
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"{fn.__name__}: ranks {pending} hung: " + _over_limit("the call"))
+                continue
             (out if ok else failures)[rank] = value
+            if failures:  # the others fail too within a collective timeout, unless they are hung
+                deadline = min(deadline, time.monotonic() + COLLECTIVE_TIMEOUT + 60)
         if failures:
             raise RankFailure(failures)
         return [out[r] for r in range(self.world)]
@@ -96,4 +139,99 @@ class DistributedPool:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+                p.join()
         self.procs = []
+
+
+# ----------------------------------------------------------------------------- launched jobs
+
+
+def collective_timeout_args() -> list[str]:
+    """torchtitan's flags that bound every collective of a launched job (its hang detection)."""
+    t = str(int(COLLECTIVE_TIMEOUT))
+    return ["--comm.init_timeout_seconds", t, "--comm.train_timeout_seconds", t]
+
+
+JOB_TAG = "DIST_MUON_TEST_JOB"
+
+
+def _tagged(tag: str) -> list[int]:
+    """Pids of the processes whose environment carries ``JOB_TAG=tag``: a job and everything it started.
+
+    The environment is inherited whatever happens to the process tree: torchrun starts its workers in
+    sessions of their own, and a worker outliving torchrun is reparented.
+    """
+    needle = f"{JOB_TAG}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def kill_job(tag: str) -> None:
+    """SIGKILL every process of a job; all are stopped first so none can notice and start another."""
+    for _ in range(10):
+        pids = _tagged(tag)
+        if not pids:
+            return
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.1)  # let the kernel reap them before looking again
+
+
+class Job:
+    """A launched command (own session, output to ``log``); ``wait`` watches it, ``kill`` ends all of it."""
+
+    def __init__(self, cmd: list[str], log, *, env: dict[str, str], cwd: str, name: str):
+        self.name, self.log = name, str(log)
+        self.tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env={**env, JOB_TAG: self.tag}, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self) -> tuple[int, str]:
+        """(return code, log). A job past the overall limit is killed and the test fails with its log tail."""
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(_over_limit(self.name) + f"; log tail:\n{self.text()[-5000:]}")
+            time.sleep(POLL)
+        self.kill()  # whatever the job left behind (a worker orphaned by a crashed torchrun)
+        return self.proc.returncode, self.text()
+
+    def text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def kill(self) -> None:
+        kill_job(self.tag)
+        self.proc.wait()
+        self._out.close()
+
+
+class Launcher:
+    """Starts jobs and kills whatever is left of them at ``close`` (a fixture finalizer): nothing outlives a test."""
+
+    def __init__(self, cwd: str):
+        self.cwd, self.jobs = cwd, []
+
+    def start(self, cmd: list[str], log, *, env: dict[str, str], name: str = "") -> Job:
+        job = Job(cmd, log, env=env, cwd=self.cwd, name=name or os.path.basename(str(log)))
+        self.jobs.append(job)
+        return job
+
+    def close(self) -> None:
+        for job in self.jobs:
+            job.kill()
+        self.jobs = []

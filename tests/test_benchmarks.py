@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+
+from harness import COLLECTIVE_TIMEOUT, TEST_TIMEOUT
 
 
-def test_benchmark_smoke(tmp_path):
+def test_benchmark_smoke(launcher, tmp_path):
     out = tmp_path / "bench.json"
     # --eager-peers: the peers' torch.compile'd NS loops run eagerly so no inductor build happens here.
     cmd = [sys.executable, "-m", "benchmarks.run", "--world-size", "2", "--model", "tiny", "--json", str(out),
-           "--steps", "1", "--warmup", "1", "--eager-peers", "--collective-timeout", "60"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           "--steps", "1", "--warmup", "1", "--eager-peers", "--collective-timeout", str(COLLECTIVE_TIMEOUT),
+           "--timeout", str(TEST_TIMEOUT)]
+    rc, log = launcher.start(cmd, tmp_path / "bench.log", env=dict(os.environ), name="benchmark").wait()
+    assert rc == 0, log[-6000:]
     data = json.loads(out.read_text())
 
     assert data["world_size"] == 2
@@ -39,12 +41,17 @@ def test_benchmark_smoke(tmp_path):
             continue
         assert data["status"][peer] == "ok", (peer, data["status"][peer], data.get("tracebacks"))
 
-    # every update that ran matches torch.optim.Muon on full tensors (bf16 NS: rounding-level differences)
+    # NS dtype "auto": never bf16 matmuls on CPU (~10x slower there)
+    cuda = torch.cuda.is_available()
+    assert data["settings"]["ns"].endswith("bfloat16" if cuda else "float32"), data["settings"]["ns"]
+    # every update that ran matches torch.optim.Muon on full tensors: rounding-level differences, which
+    # in float32 are far below bf16's ~1e-2
+    ours = ("dist_muon", "naive")
     for name, err in data["rel_error"].items():
         if name == "adamw":
             assert err is None
             continue
-        assert err is not None and err < 5e-2, (name, err)
+        assert err is not None and err < (5e-2 if cuda or name not in ours else 1e-4), (name, err)
     assert data["rel_error"]["torch_muon_single"] == 0.0
 
     assert 1.0 <= data["imbalance"] < 1.5

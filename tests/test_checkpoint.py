@@ -123,7 +123,7 @@ def snapshot(model, opt) -> dict:
     return out
 
 
-def run_segment(layout, start, stop, load_from=None, save_to=None, moe=True, opt_kwargs=None):
+def run_segment(layout, start, stop, load_from=None, save_to=None, moe=True, opt_kwargs=None, checksums=False):
     """On every rank: build, optionally load, train [start, stop), optionally save; rank 0 returns a snapshot."""
     import torch.distributed as dist
 
@@ -136,7 +136,7 @@ def run_segment(layout, start, stop, load_from=None, save_to=None, moe=True, opt
         assert loaded["step"] == start, loaded
     train_steps(model, opt, sched, start, stop)
     if save_to is not None:
-        ck.save_checkpoint(save_to, stop, model, opt, lr_schedulers=[sched])
+        ck.save_checkpoint(save_to, stop, model, opt, lr_schedulers=[sched], checksums=checksums)
     snap = snapshot(model, opt)
     return snap if (not dist.is_initialized() or dist.get_rank() == 0) else None
 
@@ -222,7 +222,7 @@ def _fsdp_checkpoint(pool, root):
     return ck.latest_checkpoint(root)
 
 
-def _load_expect_error(layout, path, moe=True, rules=None, opt_kwargs=None):
+def _load_expect_error(layout, path, moe=True, rules=None, opt_kwargs=None, verify="sizes"):
     """Load into a fresh model/optimizer; return the CheckpointError text and whether anything changed."""
     from dist_muon import checkpoint as ck
 
@@ -237,7 +237,7 @@ def _load_expect_error(layout, path, moe=True, rules=None, opt_kwargs=None):
         RULES = saved_rules
     before = snapshot(model, opt)
     try:
-        ck.load_checkpoint(path, model, opt, lr_schedulers=[sched])
+        ck.load_checkpoint(path, model, opt, lr_schedulers=[sched], verify=verify)
     except ck.CheckpointError as e:
         after = snapshot(model, opt)
         untouched = all(torch.equal(before[k], after[k]) for k in before)
@@ -303,7 +303,7 @@ def _drop_optimizer_key_and_load(path, out):
 def test_missing_optimizer_key(pool2, ckpt_root):
     path = _fsdp_checkpoint(pool2, os.path.join(ckpt_root, "valid2"))
     out = os.path.join(ckpt_root, "dropped", "step-3")
-    # no completion marker: rejected as incomplete unless verify=False; check the key error via verify=False
+    # no completion marker: rejected as incomplete unless verify="none"; check the key error via verify="none"
     message, untouched = pool2.run(_drop_optimizer_key_and_load, path, out)[0]
     assert message and "incomplete" in message and "COMPLETE.json" in message, message
     results = pool2.run(_load_unverified, out)
@@ -318,7 +318,7 @@ def _load_unverified(path):
     opt, _ = make_optimizer(model)
     before = snapshot(model, opt)
     try:
-        ck.validate_checkpoint(path, model, opt, verify=False)
+        ck.validate_checkpoint(path, model, opt, verify="none")
     except ck.CheckpointError as e:
         return str(e), all(torch.equal(before[k], v) for k, v in snapshot(model, opt).items())
     return None, True
@@ -337,17 +337,23 @@ def test_corrupt_and_partial_checkpoints(pool2, ckpt_root):
 
     path = _fsdp_checkpoint(pool2, os.path.join(ckpt_root, "valid2"))
     bad_root = os.path.join(ckpt_root, "bad")
-    # garbage bytes inside a .distcp file (same length: only the checksum can tell)
+    # garbage bytes inside a .distcp file (same length: only a checksum can tell, so opt in to both)
+    hashed_root = os.path.join(ckpt_root, "hashed")
+    pool2.run(run_segment, "fsdp", 0, 3, None, hashed_root, checksums=True)
     corrupt = os.path.join(bad_root, "corrupt", "step-3")
-    _copy(path, corrupt)
+    _copy(ck.latest_checkpoint(hashed_root), corrupt)
     distcp = sorted(f for f in os.listdir(corrupt) if f.endswith(".distcp"))[0]
     with open(os.path.join(corrupt, distcp), "r+b") as f:
         f.seek(os.path.getsize(os.path.join(corrupt, distcp)) // 2)
         f.write(os.urandom(64))
-    message, untouched = pool2.run(_load_expect_error, "fsdp", corrupt)[0]
+    message, untouched = pool2.run(_load_expect_error, "fsdp", corrupt, verify="sha256")[0]
     assert message and "corrupt" in message and distcp in message, message
     assert untouched
-    # truncated file
+    # verify="sha256" on a checkpoint saved without checksums: says how to proceed
+    message, untouched = pool2.run(_load_expect_error, "fsdp", path, verify="sha256")[0]
+    assert message and "saved without checksums" in message and "checksums=True" in message, message
+    assert untouched
+    # truncated file: the default size check catches it
     truncated = os.path.join(bad_root, "truncated", "step-3")
     _copy(path, truncated)
     with open(os.path.join(truncated, distcp), "r+b") as f:
@@ -368,6 +374,45 @@ def test_corrupt_and_partial_checkpoints(pool2, ckpt_root):
     message, _ = pool2.run(_load_expect_error, "fsdp", no_marker)[0]
     assert message and "incomplete" in message, message
     assert ck.latest_checkpoint(os.path.dirname(no_marker)) is None
+
+
+def test_integrity_check_reads_metadata_only_by_default(tmp_path, monkeypatch):
+    """Saving and loading read no checkpoint data for integrity unless checksums are asked for."""
+    from dist_muon import checkpoint as ck
+
+    hashed = []
+    real_sha256 = ck._sha256
+    monkeypatch.setattr(ck, "_sha256", lambda p: hashed.append(os.path.basename(p)) or real_sha256(p))
+    model = make_model()
+    opt, sched = make_optimizer(model)
+    path = ck.save_checkpoint(str(tmp_path / "plain"), 1, model, opt, lr_schedulers=[sched])
+    ck.load_checkpoint(path, model, opt, lr_schedulers=[sched])
+    assert hashed == [], f"the default save/load hashed {hashed}"
+    manifest = ck.verify_files(path)
+    assert manifest["files"] and all(set(info) == {"bytes"} for info in manifest["files"].values())
+
+    path = ck.save_checkpoint(str(tmp_path / "hashed"), 1, model, opt, lr_schedulers=[sched], checksums=True)
+    files = sorted(ck.verify_files(path)["files"])
+    assert sorted(hashed) == files
+    hashed.clear()
+    ck.load_checkpoint(path, model, opt, lr_schedulers=[sched])
+    assert hashed == [], "checksums in the manifest must not make the default load read the data"
+    ck.load_checkpoint(path, model, opt, lr_schedulers=[sched], verify="sha256")
+    assert sorted(hashed) == files
+    with pytest.raises(ValueError, match=r"verify='full'.*'sizes'.*'sha256'"):
+        ck.load_checkpoint(path, model, opt, verify="full")
+
+
+def test_regrouped_parameters_are_rejected_before_loading(pool2, ckpt_root):
+    """Same routing, keys and shapes, but head.weight shared a group with the other AdamW parameters when
+    saved and has its own now: DCP would write the tensors and only then DistMuon.load_state_dict object
+    (or, grouped the other way, silently take another parameter's hyperparameters)."""
+    path = _fsdp_checkpoint(pool2, os.path.join(ckpt_root, "valid2"))
+    rules = ((r"^gate\.weight$", {"algorithm": "muown"}),)  # no separate head group
+    for message, untouched in pool2.run(_load_expect_error, "fsdp", path, True, rules):
+        assert message is not None, "loading a checkpoint with other param groups must fail"
+        assert "head.weight: its param group holds ['head.weight'] in the checkpoint" in message, message
+        assert untouched, "a failed load must not change parameters or optimizer state"
 
 
 def test_latest_ignores_tmp_and_incomplete(tmp_path, ckpt_root, pool2):

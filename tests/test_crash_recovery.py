@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from harness import free_port
+from harness import COLLECTIVE_TIMEOUT, Job, Launcher, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_fsdp.py")
 STEPS = 8
-TIMEOUT = 240
 
 
-def _launch(tmp, name: str, fault: str | None) -> tuple[subprocess.Popen, str]:
+def _launch(launcher: Launcher, tmp, name: str, fault: str | None) -> tuple[Job, str]:
     out = os.path.join(tmp, name)
     os.makedirs(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
@@ -37,35 +35,32 @@ def _launch(tmp, name: str, fault: str | None) -> tuple[subprocess.Popen, str]:
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
         SCRIPT, "--steps", str(STEPS), "--ckpt-dir", os.path.join(out, "ckpt"), "--ckpt-every", "3",
         "--ns-dtype", "float32", "--final-out", os.path.join(out, "final.pt"),
+        "--collective-timeout", str(COLLECTIVE_TIMEOUT),
     ]
-    log = open(os.path.join(out, "log.txt"), "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    proc._log = log  # closed after wait
-    return proc, out
+    return launcher.start(cmd, os.path.join(out, "log.txt"), env=env, name=f"crash-recovery run {name!r}"), out
 
 
-def _finish(proc: subprocess.Popen, out: str) -> str:
-    try:
-        proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc._log.close()
-    with open(os.path.join(out, "log.txt")) as f:
-        log = f.read()
-    assert proc.returncode == 0, f"torchrun failed (rc {proc.returncode}):\n{log[-6000:]}"
+def _finish(job: Job, out: str) -> str:
+    rc, log = job.wait()
+    assert rc == 0, f"torchrun failed (rc {rc}):\n{log[-6000:]}"
+    last_attempt = log[log.rfind("attempt "):]
+    assert "terminate called" not in last_attempt, f"a rank aborted at exit:\n{log[-6000:]}"
     return log
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("crash"))
-    launched = {
-        "clean": _launch(tmp, "clean", None),
-        "killed_in_step": _launch(tmp, "killed_in_step", "1:5"),
-        "killed_in_save": _launch(tmp, "killed_in_save", "0:6:save"),
-    }
-    return {name: (out, _finish(proc, out)) for name, (proc, out) in launched.items()}
+    launcher = Launcher(REPO)
+    try:
+        launched = {
+            "clean": _launch(launcher, tmp, "clean", None),
+            "killed_in_step": _launch(launcher, tmp, "killed_in_step", "1:5"),
+            "killed_in_save": _launch(launcher, tmp, "killed_in_save", "0:6:save"),
+        }
+        yield {name: (out, _finish(job, out)) for name, (job, out) in launched.items()}
+    finally:
+        launcher.close()
 
 
 def _final(out: str) -> dict:
@@ -82,6 +77,7 @@ def _assert_same(got: dict, want: dict) -> None:
 def test_uninterrupted_run(runs):
     out, log = runs["clean"]
     assert "attempt 0: starting from scratch" in log and "[fault injection]" not in log
+    assert "attempt 1" not in log, f"the uninterrupted run was restarted:\n{log[-6000:]}"
     assert "muon" in log and "adamw" in log  # the routing report
 
 
