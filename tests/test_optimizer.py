@@ -270,11 +270,12 @@ def test_zero_lr_step_is_a_no_op_and_lr_is_what_moves_parameters(algorithm):
 
 def test_params_without_grad_are_left_alone():
     w, v = _params((8, 4), (4, 8))
-    before = v.detach().clone()
+    before, w_before = v.detach().clone(), w.detach().clone()
     opt = dm.DistMuon([{"params": [w, v], "algorithm": "muon"}], lr=0.1, weight_decay=0.1)
     w.grad = torch.randn_like(w)
     opt.step()
     assert torch.equal(v, before) and not opt.state[v]["momentum_buffer"].any()
+    assert not torch.equal(w, w_before), "the same step does move the parameter that has a gradient"
 
 
 def test_plain_parameter_list_warns_and_routes_by_ndim():
