@@ -24,7 +24,7 @@ from harness import collective_timeout_args, free_port
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = REPO / "configs" / "debug_cpu.toml"
 DEBUG_MOE = REPO / "configs" / "debug_moe_cpu.toml"
-LEARNS = 0.5  # loss drop over the first steps of the debug models, far above step-to-step noise
+LEARNS = 0.3  # loss drop over the first 4-6 steps of the debug models (0.4-0.6 here), far above noise
 
 pytestmark = [
     pytest.mark.slow,
