@@ -40,6 +40,7 @@ from . import peers
 # so every FSDP2 shard is even for W in {1, 2, 4, 8} (muon-fsdp2 needs that).
 MODELS = {
     "tiny": dict(dim=128, layers=1, heads=4, kv_heads=2, ffn=384),
+    "cpu": dict(dim=512, layers=2, heads=8, kv_heads=4, ffn=1408),  # the CPU default: minutes on 2 cores at W=4
     "small": dict(dim=1024, layers=2, heads=16, kv_heads=4, ffn=2752),
     "medium": dict(dim=1024, layers=4, heads=16, kv_heads=4, ffn=2752),
 }
@@ -352,7 +353,8 @@ def summarize(result: dict, args) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--model", choices=sorted(MODELS), default="small")
+    ap.add_argument("--model", choices=sorted(MODELS), default=None,
+                    help="model preset; default: small on CUDA, cpu (1/8 of small's NS work) elsewhere")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first is the checked one)")
@@ -373,6 +375,7 @@ def main(argv=None) -> dict:
     args.warmup = max(1, args.warmup)
     args.bucket_bytes = int(args.bucket_mib * 2**20)
     args.impls = [s for s in args.impls.split(",") if s]
+    args.model = args.model or ("small" if _use_cuda(args) else "cpu")
     args.ns_dtype = getattr(torch, args.ns_dtype) if args.ns_dtype != "auto" else (
         torch.bfloat16 if _use_cuda(args) else torch.float32)
     unknown = set(args.impls) - set(peers.DISTRIBUTED)

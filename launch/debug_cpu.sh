@@ -7,7 +7,6 @@ out=${DUMP_FOLDER:-./outputs/debug_cpu}
 rm -rf "$out"
 # One log stream (as torchtitan's run_train.sh): rank 0 on the console, every rank's full
 # stdout/stderr in $out/logs/<run>/attempt_0/<local rank>/.
-mkdir -p "$out/logs"
 run() { torchrun --standalone --nproc_per_node 2 --log-dir "$out/logs" --tee 3 --local-ranks-filter 0 --role rank \
           -m launch.train --job.config_file configs/debug_cpu.toml --job.dump_folder "$out" "$@"; }
 echo "== run 1: steps 1-10, checkpoint at step 10"

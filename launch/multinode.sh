@@ -38,7 +38,6 @@ fi
 
 LOG_RANK="${LOG_RANK:-0}"
 LOG_DIR="${LOG_DIR:-./outputs/torchrun_logs}"
-mkdir -p "$LOG_DIR"
 first_rank=$((NODE_RANK * GPUS_PER_NODE))
 if (( LOG_RANK >= first_rank && LOG_RANK < first_rank + GPUS_PER_NODE )); then
     log_flags=(--tee 3 --local-ranks-filter "$((LOG_RANK - first_rank))" --role rank)

@@ -48,15 +48,14 @@ def _over_limit(what: str) -> str:
 # ----------------------------------------------------------------------------- worker pool
 
 
-def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world: int, port: int, timeout: float, tasks, results) -> None:
     sys.path.insert(0, TESTS_DIR)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     while True:
         task = tasks.get()
         if task is None:
@@ -83,8 +82,8 @@ class DistributedPool:
     starts a fresh one) and fails with a message naming it.
     """
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, collective_timeout: float = COLLECTIVE_TIMEOUT):
+        self.world, self.collective_timeout = world, collective_timeout
         self.procs = []
 
     def _start(self) -> None:
@@ -93,7 +92,8 @@ class DistributedPool:
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, self.world, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, self.world, port, self.collective_timeout, self.tasks[r], self.results),
+                        daemon=True)
             for r in range(self.world)
         ]
         for p in self.procs:
@@ -124,7 +124,7 @@ class DistributedPool:
                 continue
             (out if ok else failures)[rank] = value
             if failures:  # the others fail too within a collective timeout, unless they are hung
-                deadline = min(deadline, time.monotonic() + COLLECTIVE_TIMEOUT + 60)
+                deadline = min(deadline, time.monotonic() + self.collective_timeout + 60)
         if failures:
             raise RankFailure(failures)
         return [out[r] for r in range(self.world)]

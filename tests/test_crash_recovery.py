@@ -1,5 +1,7 @@
 """Crash recovery under torchrun: a killed rank restarts from the last complete checkpoint.
 
+(The end of the file checks the test harness's own crash and hang detection.)
+
 Runs ``examples/train_fsdp.py`` three times at once (2 ranks each, gloo, --max-restarts 1):
 uninterrupted; rank 1 SIGKILLed before step 5 (checkpoints every 3 steps: resumes from step 3);
 rank 0 SIGKILLed while the step-6 checkpoint is being written (its ``step-6.tmp`` is never used:
@@ -11,11 +13,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 import pytest
 import torch
 
-from harness import COLLECTIVE_TIMEOUT, Job, Launcher, free_port
+from harness import COLLECTIVE_TIMEOUT, DistributedPool, Job, Launcher, RankFailure, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_fsdp.py")
@@ -97,3 +100,72 @@ def test_rank_killed_while_saving_never_uses_the_partial_checkpoint(runs):
     _assert_same(_final(out), _final(runs["clean"][0]))
     ckpts = sorted(os.listdir(os.path.join(out, "ckpt")))
     assert ckpts == ["step-3", "step-6", "step-8"], ckpts  # the restart re-saved step 6 cleanly
+
+
+# ----------------------------------------------------------------------------- the harness's hang detection
+
+
+def _rank_0_waits_for_a_barrier_rank_1_never_joins():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return "returned"
+
+
+def test_a_rank_stuck_in_a_collective_fails_the_call():
+    """The collective timeout ends the wait (5 s here: rank 1 never comes, whatever the machine's speed)."""
+    pool = DistributedPool(2, collective_timeout=5)
+    try:
+        with pytest.raises(RankFailure) as info:
+            pool.run(_rank_0_waits_for_a_barrier_rank_1_never_joins)
+    finally:
+        pool.close()
+    assert set(info.value.failures) == {0}, info.value
+    assert "timed out" in info.value.failures[0].lower(), info.value
+
+
+def _rank_1_dies():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)
+    return "alive"
+
+
+def test_a_rank_that_dies_fails_the_call_at_once():
+    pool = DistributedPool(2)
+    try:
+        with pytest.raises(RankFailure, match=r"rank 1 died \(exit code 3\)"):
+            pool.run(_rank_1_dies)
+    finally:
+        pool.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_a_job_kills_the_children_in_their_own_sessions(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing its process group would leave them running."""
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(10**6)'], start_new_session=True)\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(10**6)\n")
+    launcher = Launcher(REPO)
+    try:
+        job = launcher.start([sys.executable, "-c", script], tmp_path / "job.log", env=dict(os.environ))
+        while not job.text().strip():
+            assert job.proc.poll() is None, job.text()
+            time.sleep(0.1)
+        child = int(job.text().split()[0])
+        assert _running(child) and os.getsid(child) == child
+    finally:
+        launcher.close()
+    assert job.proc.returncode is not None
+    while _running(child):  # SIGKILLed: gone as soon as the kernel has reaped it
+        time.sleep(0.1)
