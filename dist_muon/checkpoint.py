@@ -59,6 +59,7 @@ STATE_KEYS = {
     "muon": ("momentum_buffer",),
     "adamw": ("step", "exp_avg", "exp_avg_sq"),
     "muown": ("momentum_buffer", "step", "magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq"),
+    "normuon": ("momentum_buffer", "second_moment"),
 }
 # Param-group keys that change what the optimizer *is* for a parameter, not a tunable value:
 # they must agree between the checkpoint and the running optimizer.

@@ -137,3 +137,20 @@ def layout_of(param: torch.Tensor, group_ranks: Sequence[int]) -> Layout:
     if isinstance(param, DTensor):
         return dtensor_layout(param.shape, param.device_mesh, param.placements, group_ranks)
     return replicated_layout(tuple(param.shape), len(group_ranks))
+
+
+def widened(layout: Layout, width: int) -> Layout:
+    """The layout of the same tensor seen with its last dim ``width`` times wider (an fp32 tensor
+    viewed as 2-byte elements: each element becomes ``width`` consecutive ones)."""
+    if width == 1:
+        return layout
+
+    def widen(runs: Optional[DimRuns]) -> Optional[DimRuns]:
+        if runs is None:
+            return None
+        last = tuple(Run(r.local * width, r.start * width, r.length * width) for r in runs[-1])
+        return runs[:-1] + (last,)
+
+    shape = layout.shape[:-1] + (layout.shape[-1] * width,)
+    return Layout(shape, tuple(widen(r) for r in layout.runs), layout.replica_key,
+                  f"{layout.description}×{width}")

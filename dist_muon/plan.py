@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -94,6 +94,7 @@ class MatrixSpec:
     ns_key: NSKey  # matrices batch together only under one key
     adjust_lr: Optional[str]
     group: int  # param-group index: matrices of one group and shape share a stack (one lr)
+    companion_of: Optional[int] = None  # per-row state (NorMuon) of the matrices of params[companion_of]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Matrix:
     pieces: tuple[PieceSet, ...]
     owner: int
     senders: tuple[int, ...]  # one per piece set: who sends it to the owner
+    companion_of: Optional[int] = None  # the matrix whose per-row state this is (same owner and bucket)
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,20 @@ def working_bytes(m: int, n: int, itemsize: int) -> int:
     iterate, its share of the pieces in flight (one matrix more) and the two s×s Gram matrices."""
     s = min(m, n)
     return itemsize * (3 * m * n + 2 * s * s)
+
+
+class _Found(NamedTuple):
+    """A matrix as found in its parameter, before it has an owner."""
+
+    param: int
+    index: int
+    shape: tuple[int, int]
+    region: tuple[tuple[int, int], ...]
+    pieces: tuple[PieceSet, ...]
+    flops: int
+    eligible: tuple[int, ...]  # ranks holding a piece of it
+    local: dict[int, int]  # elements each holder has
+    companion_of: Optional[int]
 
 
 def ns_flops(m: int, n: int, steps: int) -> int:
@@ -230,7 +246,8 @@ def _cut_buckets(matrices: Sequence[Matrix], keys: Sequence[NSKey], batches: Seq
     buckets: list[tuple[int, ...]] = []
     owned: dict[tuple, list[int]] = {}
     for i, m in enumerate(matrices):
-        owned.setdefault((keys[i], m.owner), []).append(i)
+        if m.companion_of is None:
+            owned.setdefault((keys[i], m.owner), []).append(i)
     for key in dict.fromkeys(keys):
         # Same-shape matrices of one group next to each other, so a bucket batches them into one NS call.
         queues = [collections.deque(sorted(owned.get((key, r), ()), key=lambda i: (matrices[i].shape, batches[i], i)))
@@ -242,8 +259,12 @@ def _cut_buckets(matrices: Sequence[Matrix], keys: Sequence[NSKey], batches: Seq
                 while queue and (used == 0 or used + matrices[queue[0]].work_bytes <= half):
                     used += matrices[queue[0]].work_bytes
                     bucket.append(queue.popleft())
-            buckets.append(tuple(sorted(bucket)))
-    return tuple(buckets)
+            buckets.append(bucket)
+    bucket_of = {mi: b for b, bucket in enumerate(buckets) for mi in bucket}
+    for i, m in enumerate(matrices):  # per-row state goes wherever its matrix goes
+        if m.companion_of is not None:
+            buckets[bucket_of[m.companion_of]].append(i)
+    return tuple(tuple(sorted(bucket)) for bucket in buckets)
 
 
 def build_plan(specs: Sequence[MatrixSpec], world: int, *, bucket_bytes: int, owner_policy: str = "balanced") -> Plan:
@@ -251,33 +272,37 @@ def build_plan(specs: Sequence[MatrixSpec], world: int, *, bucket_bytes: int, ow
         raise ValueError(f"owner_policy must be one of {OWNER_POLICIES}, got {owner_policy!r}")
     if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-    raw = []
+    found: list[_Found] = []
+    first: list[int] = []  # index of each spec's first matrix
     for pi, spec in enumerate(specs):
-        steps = spec.ns_key.schedule.steps
-        for mi, (region, (m, n)) in enumerate(zip(spec.view.regions, spec.view.matrix_shapes)):
+        first.append(len(found))
+        for mi, (region, shape) in enumerate(zip(spec.view.regions, spec.view.matrix_shapes)):
             pieces = _piece_sets(spec.layout, region)
-            eligible = sorted({h for ps in pieces for h in ps.holders})
+            eligible = tuple(sorted({h for ps in pieces for h in ps.holders}))
             if not eligible:
                 raise ValueError(f"{spec.name}: matrix {mi} is held by no rank; the layout {spec.layout.description} is inconsistent")
             local = {h: sum(b.numel for b in ps.blocks) for ps in pieces for h in ps.holders}
-            raw.append((pi, mi, (m, n), region, pieces, ns_flops(m, n, steps), tuple(eligible), local))
-    owners = _assign_owners([(r[5], r[6], r[7]) for r in raw], world, owner_policy)
+            companion_of = None if spec.companion_of is None else first[spec.companion_of] + mi
+            flops = 0 if companion_of is not None else ns_flops(*shape, spec.ns_key.schedule.steps)
+            found.append(_Found(pi, mi, shape, region, pieces, flops, eligible, local, companion_of))
+    main = [i for i, f in enumerate(found) if f.companion_of is None]
+    assigned = _assign_owners([(found[i].flops, found[i].eligible, found[i].local) for i in main], world, owner_policy)
+    owners = {i: assigned[k] for k, i in enumerate(main)}
     matrices = []
-    for i, (pi, mi, shape, region, pieces, flops, _, _) in enumerate(raw):
-        spec = specs[pi]
-        owner = owners[i]
-        senders = tuple(_choose_sender(ps, owner, spec.layout) for ps in pieces)
+    for i, f in enumerate(found):
+        spec = specs[f.param]
+        owner = owners[i if f.companion_of is None else f.companion_of]
         itemsize = spec.ns_key.itemsize
         matrices.append(
             Matrix(
-                param=pi, index=mi, shape=shape, region=region, scale=lr_scale(*shape, spec.adjust_lr),
-                flops=flops, nbytes=shape[0] * shape[1] * itemsize, work_bytes=working_bytes(*shape, itemsize),
-                pieces=pieces, owner=owner, senders=senders,
+                param=f.param, index=f.index, shape=f.shape, region=f.region, scale=lr_scale(*f.shape, spec.adjust_lr),
+                flops=f.flops, nbytes=f.shape[0] * f.shape[1] * itemsize, work_bytes=working_bytes(*f.shape, itemsize),
+                pieces=f.pieces, owner=owner, senders=tuple(_choose_sender(ps, owner, spec.layout) for ps in f.pieces),
+                companion_of=f.companion_of,
             )
         )
-    keys = [specs[m.param].ns_key for m in matrices]
-    batches = [specs[m.param].group for m in matrices]
-    buckets = _cut_buckets(matrices, keys, batches, world, bucket_bytes)
+    buckets = _cut_buckets(matrices, [specs[m.param].ns_key for m in matrices],
+                           [specs[m.param].group for m in matrices], world, bucket_bytes)
     signature = plan_signature(specs, world, bucket_bytes, owner_policy)
     return Plan(world, tuple(specs), tuple(matrices), buckets, bucket_bytes, owner_policy, signature)
 
@@ -291,6 +316,7 @@ def plan_signature(specs: Sequence[MatrixSpec], world: int, bucket_bytes: int, o
 
 
 def spec_fingerprint(spec: MatrixSpec) -> tuple:
-    return (spec.name, spec.view.shape, spec.view.regions, spec.layout.description, spec.ns_key, spec.adjust_lr, spec.group)
+    return (spec.name, spec.view.shape, spec.view.regions, spec.layout.description, spec.ns_key, spec.adjust_lr, spec.group,
+            spec.companion_of)
 
 

@@ -10,11 +10,12 @@ from torch import nn
 
 from .views import build_view, lr_scale
 
-ALGORITHMS = ("muon", "adamw", "muown")
+ALGORITHMS = ("muon", "adamw", "muown", "normuon")
 VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "flatten")
 MATRIX_HYPERPARAMETERS = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
 ADAMW_HYPERPARAMETERS = ("betas", "eps")
-HYPERPARAMETERS = ("lr", "weight_decay") + MATRIX_HYPERPARAMETERS + ADAMW_HYPERPARAMETERS
+NORMUON_HYPERPARAMETERS = ("beta2",)  # and eps
+HYPERPARAMETERS = ("lr", "weight_decay") + MATRIX_HYPERPARAMETERS + ADAMW_HYPERPARAMETERS + NORMUON_HYPERPARAMETERS
 GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -47,14 +48,16 @@ def _vocabulary_head(model: nn.Module) -> Optional[nn.Module]:
     return linears[-1] if linears and linears[-1].out_features in vocab_sizes else None
 
 
-def default_algorithm(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module]) -> str:
-    """Embeddings, the vocabulary head, non-matrices and tagged parameters go to AdamW."""
+def default_algorithm(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module],
+                      matrix_algorithm: str = "muon") -> str:
+    """Embeddings, the vocabulary head, non-matrices and tagged parameters go to AdamW; other
+    matrices to ``matrix_algorithm``."""
     if param.ndim < 2 or getattr(param, "skip_orthogonalization", False):
         return "adamw"
     if isinstance(module, nn.Embedding) or module is head:
         return "adamw"
     module_name = name.rpartition(".")[0]
-    return "adamw" if module_name.rpartition(".")[2] in _HEAD_NAMES else "muon"
+    return "adamw" if module_name.rpartition(".")[2] in _HEAD_NAMES else matrix_algorithm
 
 
 def _owning_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -73,11 +76,13 @@ def _match_rule(name: str, rules: Sequence[Rule]) -> Mapping[str, Any]:
     return {}
 
 
-def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), **overrides) -> list[dict]:
+def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), matrix_algorithm: str = "muon",
+                       **overrides) -> list[dict]:
     """Route every trainable parameter of ``model`` and return torch-style param groups.
 
     ``rules`` are ``(regex, options)`` pairs matched with ``re.search`` against the canonical
     FQN, first match wins; options may set ``algorithm``, view options and hyperparameters.
+    Matrices no rule routes get ``matrix_algorithm`` ("muon", "normuon" or "muown").
     ``overrides`` are hyperparameters set on every group (a rule's own value wins).
     Parameters with identical options share a group; group order follows parameter order.
     """
@@ -90,6 +95,9 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), **overri
             raise ValueError(f"rules[{i}]: invalid regex {rule[0]!r}: {e}") from e
         check_group_keys(rule[1], f"rules[{i}] ({rule[0]!r})")
     check_group_keys(overrides, "build_param_groups overrides")
+    if matrix_algorithm not in ALGORITHMS or matrix_algorithm == "adamw":
+        raise ValueError(f"matrix_algorithm must be one of {[a for a in ALGORITHMS if a != 'adamw']}, "
+                         f"got {matrix_algorithm!r}")
     if "params" in overrides or "param_names" in overrides:
         raise ValueError("build_param_groups overrides cannot set 'params' or 'param_names'")
 
@@ -101,7 +109,7 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), **overri
             continue
         name = canonical_fqn(raw_name)
         options = {**overrides, **_match_rule(name, rules)}
-        options.setdefault("algorithm", default_algorithm(name, param, owners[id(param)], head))
+        options.setdefault("algorithm", default_algorithm(name, param, owners[id(param)], head, matrix_algorithm))
         if options["algorithm"] == "adamw":
             options = {k: v for k, v in options.items() if k not in VIEW_KEYS}
         key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))

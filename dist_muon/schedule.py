@@ -101,6 +101,7 @@ class Stack:
     y: Window  # the other iterate
     gram: tuple[Window, Window]  # A and B, [k, s, s]
     result: Window  # x or y, by the parity of the number of NS steps
+    rows: Optional[Window] = None  # NorMuon: [k, m, width], each matrix's per-row second moment
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ class BucketSchedule:
     back_exchange: Exchange
     apply_received: tuple[Copy, ...]  # received result pieces → outputs (added)
     flops: int  # NS FLOPs of the owned matrices
+    assign_local: tuple[Copy, ...] = ()  # updated per-row state this rank holds → its state (copied)
+    assign_received: tuple[Copy, ...] = ()  # received per-row state → state (copied)
 
     @property
     def matrices(self) -> int:
@@ -146,7 +149,8 @@ class BucketSchedule:
 
 
 def local_schedule(plan: Plan, rank: int) -> tuple[BucketSchedule, ...]:
-    return tuple(bucket_schedule(plan, b, rank) for b in range(len(plan.buckets)))
+    rows_of = companions(plan)
+    return tuple(bucket_schedule(plan, b, rank, rows_of) for b in range(len(plan.buckets)))
 
 
 # --------------------------------------------------------------------------- which pieces move where
@@ -200,47 +204,63 @@ def _traffic(plan: Plan, bucket: Sequence[int], rank: int) -> _Traffic:
 # --------------------------------------------------------------------------- laying out the slot
 
 
-def _stacks(plan: Plan, owned: Sequence[int], steps: int) -> tuple[tuple[Stack, ...], dict[int, tuple[int, int]], int, int]:
-    """Stacks by (shape, group); returns them, each matrix's (offset in its iterate, stack), S and G."""
+def _stacks(plan: Plan, owned: Sequence[int], steps: int, rows_of: dict[int, int]):
+    """Stacks by (shape, group), laid out in the slot. Returns the stacks, each owned matrix's
+    offset (per-row state: absolute; matrices: within the iterate), R, S and G (elements)."""
     by_key: dict[tuple, list[int]] = {}
     for mi in owned:
         m = plan.matrices[mi]
         by_key.setdefault((m.shape, plan.params[m.param].group), []).append(mi)
+    rows_total = sum(math.prod(plan.matrices[rows_of[mi]].shape) for mi in owned if mi in rows_of)
     total = sum(math.prod(plan.matrices[mi].shape) for mi in owned)
-    fill_at = 0 if steps % 2 == 0 else total  # the input iterate; the result always ends in [0, S)
-    other_at = total - fill_at
+    P, Q = rows_total, rows_total + total  # results always end in P
+    fill_at, other_at = (P, Q) if steps % 2 == 0 else (Q, P)
+    gram_at = Q + total
     gram_elems = max((2 * len(mis) * min(shape) ** 2 for (shape, _), mis in by_key.items()), default=0)
-    stacks, where, cursor = [], {}, 0
+    stacks, where, cursor, rows_cursor = [], {}, 0, 0
     for (shape, group), mis in by_key.items():
         m, n = shape
         k, s = len(mis), min(shape)
-        stack_shape = (k, m, n)
-        x = Window(SLOT, fill_at + cursor, stack_shape, contiguous_strides(stack_shape))
-        y = Window(SLOT, other_at + cursor, stack_shape, contiguous_strides(stack_shape))
-        a = Window(SLOT, 2 * total, (k, s, s), contiguous_strides((k, s, s)))
-        b = Window(SLOT, 2 * total + k * s * s, (k, s, s), contiguous_strides((k, s, s)))
-        result = x if steps % 2 == 0 else y
-        scale = plan.matrices[mis[0]].scale
+        x = _dense(fill_at + cursor, (k, m, n))
+        y = _dense(other_at + cursor, (k, m, n))
+        rows = None
+        if mis[0] in rows_of:  # NorMuon: each matrix's per-row state travels beside it
+            width = plan.matrices[rows_of[mis[0]]].shape[1]
+            rows = _dense(rows_cursor, (k, m, width))
+            for pos, mi in enumerate(mis):
+                where[rows_of[mi]] = rows_cursor + pos * m * width
+            rows_cursor += k * m * width
         for pos, mi in enumerate(mis):
-            where[mi] = (cursor + pos * m * n, len(stacks))
-        stacks.append(Stack(shape, group, scale, tuple(mis), tuple(plan.matrices[mi].param for mi in mis),
-                            x, y, (a, b), result))
+            where[mi] = cursor + pos * m * n
+        stacks.append(Stack(shape, group, plan.matrices[mis[0]].scale, tuple(mis),
+                            tuple(plan.matrices[mi].param for mi in mis), x, y,
+                            (_dense(gram_at, (k, s, s)), _dense(gram_at + k * s * s, (k, s, s))),
+                            x if steps % 2 == 0 else y, rows))
         cursor += k * m * n
-    return tuple(stacks), where, total, gram_elems
+    return tuple(stacks), where, rows_total, total, gram_elems
 
 
-def bucket_schedule(plan: Plan, b: int, rank: int) -> BucketSchedule:
+def _dense(offset: int, shape: tuple[int, ...]) -> Window:
+    return Window(SLOT, offset, shape, contiguous_strides(shape))
+
+
+def bucket_schedule(plan: Plan, b: int, rank: int, rows_of: Optional[dict[int, int]] = None) -> BucketSchedule:
+    """``rows_of``: matrix → the matrix of its per-row state (``companions(plan)``)."""
+    rows_of = companions(plan) if rows_of is None else rows_of
     bucket = plan.buckets[b]
     key = plan.params[plan.matrices[bucket[0]].param].ns_key
     steps = key.schedule.steps
-    owned = [mi for mi in bucket if plan.matrices[mi].owner == rank]
-    stacks, where, S, G = _stacks(plan, owned, steps)
-    fill_at = 0 if steps % 2 == 0 else S
+    owned = [mi for mi in bucket if plan.matrices[mi].owner == rank and plan.matrices[mi].companion_of is None]
+    stacks, where, R, S, G = _stacks(plan, owned, steps, rows_of)
+    # Slot: [R rows | P | Q | G]; P holds the results, the stacks fill P (even steps) or Q (odd).
+    P = R
+    fill_at = P if steps % 2 == 0 else P + S
     traffic = _traffic(plan, bucket, rank)
 
     def box(piece: _Piece, base: int) -> Window:
         m = plan.matrices[piece.matrix]
-        return window(SLOT, base + where[piece.matrix][0], slices_shape(m.region), piece.block.box)
+        at = where[piece.matrix] if m.companion_of is not None else base + where[piece.matrix]
+        return window(SLOT, at, slices_shape(m.region), piece.block.box)
 
     def local(kind: str, piece: _Piece) -> Window:
         shape = plan.params[piece.param].layout.local_shape(rank)
@@ -275,24 +295,36 @@ def bucket_schedule(plan: Plan, b: int, rank: int) -> BucketSchedule:
         return stage, forward, exchange, unpack, send_total + recv_total + stage_total
 
     # Forward buffers live while the stacks fill: after P when P is the input, else over P when they fit.
-    stage, forward, fwd_exchange, unpack, fwd_total = forward_phase(S if fill_at == 0 else 0)
-    if fill_at == S and fwd_total > S:
-        stage, forward, fwd_exchange, unpack, fwd_total = forward_phase(2 * S)
+    stage, forward, fwd_exchange, unpack, fwd_total = forward_phase(P + S if fill_at == P else P)
+    if fill_at != P and fwd_total > S:
+        stage, forward, fwd_exchange, unpack, fwd_total = forward_phase(P + 2 * S)
     fwd_end = fwd_exchange.send.offset + fwd_total
 
-    # Back buffers live while results (in P) are still read: from S on.
-    to_send, back_counts = through(traffic.back_send, S)
+    # Back buffers live while results (in P) and rows (in R) are still read: after P.
+    back_at = P + S
+    to_send, back_counts = through(traffic.back_send, back_at)
     back_total = sum(back_counts)
-    received, recv_counts = through(traffic.back_recv, S + back_total)
-    back = _merge([Copy(box(p, 0), w) for p, w in to_send])
-    apply_local = _wholes(_merge([Copy(box(p, 0), local(OUTPUT, p)) for p in traffic.back_local]), plan, rank)
-    apply_received = _wholes(_merge([Copy(w, local(OUTPUT, p)) for p, w in received]), plan, rank)
-    back_exchange = Exchange(_flat(S, back_total), _flat(S + back_total, sum(recv_counts)),
+    received, recv_counts = through(traffic.back_recv, back_at + back_total)
+    back = _merge([Copy(box(p, P), w) for p, w in to_send])
+    applied_local = [Copy(box(p, P), local(OUTPUT, p)) for p in traffic.back_local]
+    applied_received = [Copy(w, local(OUTPUT, p)) for p, w in received]
+    is_rows = lambda c: plan.params[c.dst.space.param].companion_of is not None  # noqa: E731
+    back_exchange = Exchange(_flat(back_at, back_total), _flat(back_at + back_total, sum(recv_counts)),
                              back_counts, recv_counts, traffic.back_moves)
-    size = max(2 * S + G, fwd_end, S + back_total + sum(recv_counts))
+    size = max(P + 2 * S + G, fwd_end, back_at + back_total + sum(recv_counts))
     flops = sum(plan.matrices[mi].flops for mi in owned)
-    return BucketSchedule(key, b % 2, size, stage, forward, fwd_exchange, unpack, stacks, back,
-                          apply_local, back_exchange, apply_received, flops)
+    return BucketSchedule(
+        key, b % 2, size, stage, forward, fwd_exchange, unpack, stacks, back,
+        _outputs([c for c in applied_local if not is_rows(c)], plan, rank), back_exchange,
+        _outputs([c for c in applied_received if not is_rows(c)], plan, rank), flops,
+        _outputs([c for c in applied_local if is_rows(c)], plan, rank),
+        _outputs([c for c in applied_received if is_rows(c)], plan, rank),
+    )
+
+
+def companions(plan: Plan) -> dict[int, int]:
+    """Matrix index → the index of the matrix holding its per-row state (NorMuon)."""
+    return {m.companion_of: i for i, m in enumerate(plan.matrices) if m.companion_of is not None}
 
 
 def _flat(offset: int, numel: int) -> Window:
@@ -326,9 +358,9 @@ def _whole(w: Window, plan: Plan, rank: int) -> Optional[tuple[int, ...]]:
     return shape if w.numel == math.prod(shape) else None
 
 
-def _wholes(copies: tuple[Copy, ...], plan: Plan, rank: int) -> tuple[Copy, ...]:
-    """Copies onto a whole output tensor take its shape, so the executor can pass the tensor itself."""
-    return tuple(_as_whole(c, c.dst, c.src, plan, rank) or c for c in copies)
+def _outputs(copies: list[Copy], plan: Plan, rank: int) -> tuple[Copy, ...]:
+    """Merged; copies onto a whole output tensor take its shape, so the executor can pass the tensor itself."""
+    return tuple(_as_whole(c, c.dst, c.src, plan, rank) or c for c in _merge(copies))
 
 
 def _as_whole(c: Copy, tensor_side: Window, other: Window, plan: Plan, rank: int) -> Optional[Copy]:

@@ -130,3 +130,22 @@ def build_view(
     regions = tuple(((e, e + 1), (r0, r1), (0, cols)) for e in range(experts) for r0, r1 in blocks)
     matrix_shapes = tuple((r1 - r0, cols) for _ in range(experts) for r0, r1 in blocks)
     return MatrixView(shape, 1, regions, matrix_shapes)
+
+
+def row_statistic_shape(view: MatrixView) -> tuple[int, ...]:
+    """Shape of a per-row statistic of a parameter (NorMuon's second moment): column dims become 1."""
+    return tuple(s if d <= view.row_dim else 1 for d, s in enumerate(view.shape))
+
+
+def rows_view(view: MatrixView, width: int = 1) -> MatrixView:
+    """The per-row statistic of every matrix of ``view``, as a view of a tensor shaped like
+    ``row_statistic_shape`` whose last dim is ``width`` elements wide (``width`` > 1 when fp32
+    values travel as 2-byte elements): matrix i is an ``m_i × width`` box beside matrix i's rows."""
+    ndim = len(view.shape)
+    shape = tuple(s if d <= view.row_dim else (width if d == ndim - 1 else 1) for d, s in enumerate(view.shape))
+
+    def collapse(region):
+        return tuple(r if d <= view.row_dim else ((0, width) if d == ndim - 1 else (0, 1)) for d, r in enumerate(region))
+
+    return MatrixView(shape, view.row_dim, tuple(collapse(r) for r in view.regions),
+                      tuple((m, width) for m, _ in view.matrix_shapes))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from typing import Any, Callable, Optional
@@ -12,10 +13,11 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
-from ..layout import layout_of
+from ..layout import layout_of, widened
 from ..numerics import muown as muown_math
 from ..plan import MatrixSpec, Plan, build_plan, spec_fingerprint
 from ..routing import VIEW_KEYS
+from ..views import row_statistic_shape, rows_view
 from ..schedule import local_schedule
 from .groups import (
     MATRIX_ALGORITHMS,
@@ -48,6 +50,8 @@ class DistMuon(torch.optim.Optimizer):
         adjust_lr: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2·sqrt(max(m, n))) or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for "adamw" groups
             (``adamw_lr`` defaults to ``lr``, ``adamw_weight_decay`` to ``weight_decay``).
+        normuon_beta2, normuon_eps: defaults of "normuon" groups' ``beta2`` and ``eps`` (NorMuon's
+            per-row second moment of the orthogonalized update; see docs/update_rule.md).
         process_group: only for plain (non-DTensor) parameters replicated across ranks (DDP style).
         owner_policy: "balanced" (by Newton–Schulz FLOPs) or "round_robin".
         bucket_bytes: budget for whole matrices a rank assembles at once (two buckets in flight).
@@ -72,6 +76,8 @@ class DistMuon(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: Optional[float] = None,
+        normuon_beta2: float = 0.95,
+        normuon_eps: float = 1e-8,
         process_group: Optional[dist.ProcessGroup] = None,
         owner_policy: str = "balanced",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -83,6 +89,7 @@ class DistMuon(torch.optim.Optimizer):
             ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr,
             adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+            normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         self._group_defaults = defaults
         self.nonfinite_grad = check_policy(nonfinite_grad)
@@ -94,7 +101,7 @@ class DistMuon(torch.optim.Optimizer):
         self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
         groups = normalize_param_groups(params)
-        torch_defaults = {k: v for k, v in defaults.items() if not k.startswith("adamw_")}
+        torch_defaults = {k: v for k, v in defaults.items() if not k.startswith(("adamw_", "normuon_"))}
         super().__init__(groups, torch_defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._comm = comm.resolve_comm_group(all_params, process_group)
@@ -131,6 +138,9 @@ class DistMuon(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if algorithm == "normuon":
+            view = view_of(group, p, "param")
+            state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view), self._row_dtype(group))
         if algorithm == "muown":
             dims = view_of(group, p, "param").row_norm_dims
             norms = _settled(muown_math.row_norms(p.detach().float(), dims))
@@ -141,6 +151,11 @@ class DistMuon(torch.optim.Optimizer):
             state["magnitude_exp_avg_sq"] = torch.zeros_like(norms)
 
     # ------------------------------------------------------------------ the plan
+
+    def _row_dtype(self, group: dict) -> torch.dtype:
+        """NorMuon's second moments: fp32, or the NS dtype if wider (they travel as NS-dtype elements)."""
+        ns_dtype = ns_key(group, self._device).dtype
+        return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
 
     def _matrix_params(self) -> list[tuple[int, dict, torch.Tensor, str]]:
         """(group index, group, parameter, name) of every Muon/Muown parameter, in plan order."""
@@ -176,6 +191,17 @@ class DistMuon(torch.optim.Optimizer):
             )
             for gi, group, p, name in entries
         ]
+        # NorMuon's per-row second moments travel with their matrices, as NS-dtype elements.
+        self._rows_specs = {}
+        for pi, (gi, group, p, name) in enumerate(entries):
+            if group["algorithm"] == "normuon":
+                spec = specs[pi]
+                width = self._row_dtype(group).itemsize // spec.ns_key.itemsize
+                self._rows_specs[len(specs)] = p
+                specs.append(dataclasses.replace(
+                    spec, name=f"{name}:second_moment", view=rows_view(spec.view, width), companion_of=pi,
+                    layout=widened(layout_of(self.state[p]["second_moment"], self._comm.ranks), width),
+                ))
         for spec, (_, _, p, _) in zip(specs, entries):
             expected = spec.layout.local_shape(self._comm.rank)
             if tuple(comm.local_tensor(p).shape) != expected:
@@ -188,6 +214,7 @@ class DistMuon(torch.optim.Optimizer):
         self._agreement = self._agreement_record(specs)
         self._plan_digest = _digest(repr(self._agreement))
         self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns)
+        self._rows_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._muown_updates = {
             pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
             for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
@@ -251,14 +278,33 @@ class DistMuon(torch.optim.Optimizer):
         entries = self._matrix_params()
         inputs = self._muon_inputs(entries, has_grad)
         outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
+        rows = self._second_moments()
+        inputs += rows
+        outputs += rows
         factors = {gi: (1.0 if g["algorithm"] == "muown" else -g["lr"])
                    for gi, g in enumerate(self.param_groups) if g["algorithm"] in MATRIX_ALGORITHMS}
+        normuon = {gi: (g["beta2"], g["eps"]) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "normuon"}
         muted = frozenset(pi for pi, (_, _, p, _) in enumerate(entries) if not has_grad[id(p)])
-        self.last_step_stats = self._runner.run(inputs, outputs, factors, muted)
+        self.last_step_stats = self._runner.run(inputs, outputs, factors, muted, normuon)
         for pi, (_, group, p, name) in enumerate(entries):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
                 self._muown_finish(group, p, name, self._muown_updates[pi])
         return loss
+
+    def _second_moments(self) -> list[torch.Tensor]:
+        """NorMuon's second moments (local), each viewed as the NS dtype's elements, in plan order.
+
+        The views are kept while the state tensor is the same (load_state_dict replaces it)."""
+        out = []
+        for pi, p in self._rows_specs.items():
+            state = self.state[p]["second_moment"]
+            cached = self._rows_views.get(pi)
+            if cached is None or cached[0] is not state:
+                dtype = self._plan.params[pi].ns_key.dtype
+                cached = (state, comm.local_tensor(state).view(dtype))
+                self._rows_views[pi] = cached
+            out.append(cached[1])
+        return out
 
     def _agree_on_gradients(self) -> Optional[dict[int, bool]]:
         """Which parameters have gradients, whether all are finite, and that every rank runs the same plan.
@@ -463,6 +509,15 @@ def _settled(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor) and any(isinstance(pl, Partial) for pl in t.placements):
         return t.redistribute(placements=[Replicate() if isinstance(pl, Partial) else pl for pl in t.placements])
     return t
+
+
+def _zeros_like_layout(p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of ``shape`` laid out like ``p`` (same mesh and placements), made without communication."""
+    if isinstance(p, DTensor):
+        from torch.distributed.tensor import zeros
+
+        return zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
+    return torch.zeros(shape, dtype=dtype, device=p.device)
 
 
 def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

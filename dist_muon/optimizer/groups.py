@@ -12,7 +12,7 @@ from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
 from ..routing import ALGORITHMS, VIEW_KEYS, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
 
-MATRIX_ALGORITHMS = ("muon", "muown")
+MATRIX_ALGORITHMS = ("muon", "muown", "normuon")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -103,6 +103,9 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
         if algorithm == "muown":
             out.setdefault("betas", defaults["adamw_betas"])
             out.setdefault("eps", defaults["adamw_eps"])
+        if algorithm == "normuon":
+            out.setdefault("beta2", defaults["normuon_beta2"])
+            out.setdefault("eps", defaults["normuon_eps"])
         for key in VIEW_KEYS:
             out.setdefault(key, False if key == "flatten" else None)
     validate_hyperparameters(out, label)
@@ -130,6 +133,9 @@ def validate_hyperparameters(group: dict, label: str) -> None:
     _check_number(label, "weight_decay", group["weight_decay"], 0.0)
     if "betas" in group:
         group["betas"] = _check_betas(label, group["betas"])
+    if "beta2" in group:
+        _check_number(label, "beta2", group["beta2"], 0.0, 1.0, high_open=True)
+    if "eps" in group:
         _check_number(label, "eps", group["eps"], 0.0)
     if group["algorithm"] in MATRIX_ALGORITHMS:
         _check_number(label, "momentum", group["momentum"], 0.0, 1.0, high_open=True)

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import comm
-from ..numerics import newton_schulz_
+from ..numerics import newton_schulz_, normuon_rows_
 from ..schedule import INPUT, OUTPUT, BucketSchedule, Copy, Stack, Window
 
 
@@ -110,6 +110,7 @@ class _StackViews:
     a: torch.Tensor
     b: torch.Tensor
     result: torch.Tensor
+    rows: Optional[torch.Tensor]  # NorMuon's per-row second moments, fp32 [k, m, 1]
 
 
 @dataclass
@@ -128,6 +129,8 @@ class _Bucket:
     back_send: torch.Tensor
     back_recv: torch.Tensor
     apply_received: _Copies
+    assign_local: _Copies
+    assign_received: _Copies
 
 
 class BucketRunner:
@@ -152,13 +155,15 @@ class BucketRunner:
 
     def _freeze(self, s: BucketSchedule) -> _Bucket:
         view = lambda w: self.workspace.view(w, s.slot, s.key.dtype)  # noqa: E731
-        stacks = [_StackViews(st, view(st.x), view(st.y), view(st.gram[0]), view(st.gram[1]), view(st.result))
+        stacks = [_StackViews(st, view(st.x), view(st.y), view(st.gram[0]), view(st.gram[1]), view(st.result),
+                              None if st.rows is None else view(st.rows).view(torch.float32))
                   for st in s.stacks]
         return _Bucket(
             s, self._copies(s.stage, view), self._copies(s.forward, view),
             view(s.forward_exchange.send), view(s.forward_exchange.recv), self._copies(s.unpack, view), stacks,
             self._copies(s.back, view), self._copies(s.apply_local, view),
             view(s.back_exchange.send), view(s.back_exchange.recv), self._copies(s.apply_received, view),
+            self._copies(s.assign_local, view), self._copies(s.assign_received, view),
         )
 
     @staticmethod
@@ -184,7 +189,7 @@ class BucketRunner:
         if addresses == self._outputs:
             return
         for bucket in self.buckets:
-            for copies in (bucket.apply_local, bucket.apply_received):
+            for copies in (bucket.apply_local, bucket.apply_received, bucket.assign_local, bucket.assign_received):
                 for pos, w in copies.output_dst:
                     copies.dst[pos] = _output_view(outputs[w.space.param], w)
         self._outputs = addresses
@@ -192,12 +197,13 @@ class BucketRunner:
     # -- one step
 
     def run(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], factors: dict[int, float],
-            muted: frozenset = frozenset()) -> StepStats:
+            muted: frozenset = frozenset(), normuon: Optional[dict[int, tuple[float, float]]] = None) -> StepStats:
         """Orthogonalize every matrix and add ``factor · s · O`` onto its output.
 
-        ``inputs[p]`` / ``outputs[p]``: the local NS input and output of plan parameter p;
-        ``factors[g]``: the factor of param group g (−lr for Muon); results of parameters in
-        ``muted`` are zeroed before they are applied (no gradient this step).
+        ``inputs[p]`` / ``outputs[p]``: the local NS input and output of plan parameter p (for a
+        NorMuon parameter's per-row state: that state, read and overwritten); ``factors[g]``: the
+        factor of param group g (−lr for Muon); ``normuon[g]``: (beta2, eps) of NorMuon groups;
+        results of parameters in ``muted`` are zeroed before they are applied (no gradient this step).
         """
         stats = StepStats(**self._totals.as_dict())
         self._bind_outputs(outputs)
@@ -213,7 +219,7 @@ class BucketRunner:
                     self._finish_back(*pending, stats)
                     pending = None
                 forward = self._start_forward(self.buckets[b + 1], inputs) if b + 1 < n else None
-                self._orthogonalize(bucket, factors, muted, stats)
+                self._orthogonalize(bucket, factors, muted, normuon or {}, stats)
                 pending = (bucket, self._start_back(bucket, inputs))
             if pending is not None:
                 self._finish_back(*pending, stats)
@@ -227,27 +233,36 @@ class BucketRunner:
         ex = bucket.schedule.forward_exchange
         return comm.all_to_all(self.group, bucket.send, bucket.recv, ex.send_counts, ex.recv_counts, ex.moves)
 
-    def _orthogonalize(self, bucket: _Bucket, factors: dict[int, float], muted: frozenset, stats: StepStats) -> None:
+    def _orthogonalize(self, bucket: _Bucket, factors: dict[int, float], muted: frozenset,
+                       normuon: dict[int, tuple[float, float]], stats: StepStats) -> None:
         t0 = time.perf_counter()
         schedule = bucket.schedule.key.schedule
         for st in bucket.stacks:
             factor = factors[st.record.group] * st.record.scale
-            self.newton_schulz(st.x, st.y, st.a, st.b, schedule, factor)
-            if muted:
-                silent = [st.result[i] for i, p in enumerate(st.record.params) if p in muted]
-                if silent:
-                    torch._foreach_zero_(silent)
+            silent = [i for i, p in enumerate(st.record.params) if p in muted] if muted else []
+            if st.rows is None:
+                self.newton_schulz(st.x, st.y, st.a, st.b, schedule, factor)
+            else:  # NorMuon's row normalisation needs the unscaled result; muted rows keep their state
+                self.newton_schulz(st.x, st.y, st.a, st.b, schedule, 1.0)
+                kept = [st.rows[i].clone() for i in silent]
+                normuon_rows_(st.result, st.rows, *normuon[st.record.group], factor)
+                for i, old in zip(silent, kept):
+                    st.rows[i].copy_(old)
+            if silent:
+                torch._foreach_zero_([st.result[i] for i in silent])
         stats.ns_seconds += time.perf_counter() - t0
 
     def _start_back(self, bucket: _Bucket, inputs) -> Optional[object]:
         _foreach_copy(bucket.back, inputs)
         _foreach_add(bucket.apply_local, inputs)
+        _foreach_copy(bucket.assign_local, inputs)
         ex = bucket.schedule.back_exchange
         return comm.all_to_all(self.group, bucket.back_send, bucket.back_recv, ex.send_counts, ex.recv_counts, ex.moves)
 
     def _finish_back(self, bucket: _Bucket, work, stats: StepStats) -> None:
         self._wait(work, stats)
         _foreach_add(bucket.apply_received, ())
+        _foreach_copy(bucket.assign_received, ())
 
     @staticmethod
     def _wait(work, stats: StepStats) -> None:
