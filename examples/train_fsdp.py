@@ -138,10 +138,11 @@ def init_distributed(backend: str, timeout_s: float) -> None:
 def shutdown() -> None:
     """Leave the job cleanly, every rank at once.
 
-    Everything holding the process group (model, optimizer, meshes) is freed first, then every rank
-    waits for the others and the group is destroyed while the interpreter is whole. A gloo group
-    still alive at interpreter teardown aborts the process ("terminate called without an active
-    exception") after it finished, which torchrun counts as a failure and restarts.
+    ``train`` has returned, so what holds the process group or its pending work (FSDP model,
+    optimizer, meshes) is freed here, while the group is alive; then every rank waits for the others
+    and the group is destroyed while the interpreter is whole. Destroying the group under live
+    users, or leaving them to interpreter teardown, can abort a rank that had finished ("terminate
+    called without an active exception", gloo), which torchrun counts as a failure.
     """
     gc.collect()
     dist.barrier()
