@@ -1,7 +1,13 @@
 """Benchmark: full Newton–Schulz (5 polar_express steps) with the symmetric Triton kernels vs.
-the plain torch path, on Llama-3 8B and DeepSeek-V3 expert shapes.
+the plain torch path, on Llama-3 8B and MoE expert shapes, and what the dispatch rule picks.
 
     python benchmarks/triton_ns.py [--dtype bf16] [--iters 20] [--out results.json]
+
+All three paths run the production loop (``newton_schulz.iterate_``): torch
+(``DIST_MUON_TRITON=off``), Triton (``=on``) and dispatch (``=auto``, the size rule). Each case
+also reports the cost of the first Triton call with an empty tuning cache (``tune_s``: compile
+and time every candidate tile) and with the cache filled (``cached_first_call_s``), in a fresh
+cache directory (``--cache-dir`` to use another).
 
 Prints one JSON document. TFLOP/s use the nominal NS cost per step (m ≤ n after transposing
 tall matrices): 2·m·m·n (X·Xᵀ) + 2·m·m·m (A·A) + 2·m·m·n (B·X), times the batch. The Triton
@@ -14,10 +20,13 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +48,7 @@ CASES = [
     ("llama3_8b.mlp_w2.4096x14336", 1, 4096, 14336),
     ("deepseek_v3.expert_w1_w3.16x2048x7168", 16, 2048, 7168),
     ("deepseek_v3.expert_w2.16x7168x2048", 16, 7168, 2048),
+    ("moe.expert.64x1408x2048", 64, 1408, 2048),
 ]
 
 # Dense (no sparsity) peak TFLOP/s for 16-bit tensor-core math, by device-name substring.
@@ -87,20 +97,39 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def torch_path(X, schedule):
-    old = os.environ.get(tk.DISABLE_ENV)
-    os.environ[tk.DISABLE_ENV] = "1"
+@contextlib.contextmanager
+def triton_mode(mode):
+    old = {name: os.environ.pop(name, None) for name in (tk.DISABLE_ENV, tk.MODE_ENV)}
+    os.environ[tk.MODE_ENV] = mode
     try:
-        return ns.newton_schulz_iterations(X, schedule)
+        yield
     finally:
-        if old is None:
-            del os.environ[tk.DISABLE_ENV]
-        else:
-            os.environ[tk.DISABLE_ENV] = old
+        for name, value in old.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
-def triton_path(X, schedule):
-    return tk.newton_schulz_iterations_triton(X, schedule.coefficients)
+def ns_path(mode):
+    def run(X, schedule):
+        with triton_mode(mode):
+            return ns.newton_schulz_iterations(X, schedule)
+
+    return run
+
+
+torch_path, triton_path, dispatch_path = ns_path("off"), ns_path("on"), ns_path("auto")
+
+
+def first_call_s(fn) -> float:
+    """Wall time of a call after forgetting this process's tile choices (the disk cache stays)."""
+    tk._TUNED.clear()
+    tk._CACHES.clear()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def run_case(name, batch, rows, cols, dtype, schedule, args, peak):
@@ -114,8 +143,13 @@ def run_case(name, batch, rows, cols, dtype, schedule, args, peak):
         X = X[0]
     X = X.contiguous()
 
+    tune_s = first_call_s(lambda: triton_path(X, schedule))  # the case's shapes are new to the cache
+    cached_s = first_call_s(lambda: triton_path(X, schedule))
     t_torch = time_ms(lambda: torch_path(X, schedule), args.warmup, args.iters)
     t_triton = time_ms(lambda: triton_path(X, schedule), args.warmup, args.iters)
+    t_dispatch = time_ms(lambda: dispatch_path(X, schedule), args.warmup, args.iters)
+    with triton_mode("auto"):
+        picked = "triton" if tk.use_triton(X) else "torch"
 
     # Correctness vs. the fp32 torch path on the same (rounded) input.
     ref = torch_path(X.float(), schedule)
@@ -148,6 +182,12 @@ def run_case(name, batch, rows, cols, dtype, schedule, args, peak):
         "torch_ms": t_torch,
         "triton_ms": t_triton,
         "speedup": t_torch / t_triton,
+        "dispatch_ms": t_dispatch,
+        "dispatch_path": picked,
+        "faster_path": "triton" if t_triton < t_torch else "torch",
+        "dispatch_vs_best": t_dispatch / min(t_torch, t_triton),
+        "tune_s": tune_s,
+        "cached_first_call_s": cached_s,
         "torch_tflops": flops / t_torch / 1e9,
         "triton_tflops": flops / t_triton / 1e9,
         "rel_err_vs_fp32_torch": err_torch,
@@ -171,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the dense 16-bit peak")
     p.add_argument("--cases", nargs="*", default=None, help="substrings selecting cases (default: all)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--cache-dir", default=None, help="tuning cache directory (default: a fresh temporary one)")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -180,6 +221,10 @@ def main(argv=None) -> int:
         print(json.dumps({"status": "skipped", "reason": "triton is not importable; nothing measured"}))
         return 0
 
+    tmp = None
+    if args.cache_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="dist_muon_tune_")
+    os.environ[tk.triton_cache.DIR_ENV] = args.cache_dir or tmp.name
     dtype = DTYPES[args.dtype]
     schedule = resolve_schedule(args.method, args.steps)
     name = torch.cuda.get_device_name()
@@ -199,6 +244,7 @@ def main(argv=None) -> int:
         "triton": getattr(tk.triton, "__version__", None),
         "method": args.method,
         "flops_per_step": "2*m*m*n + 2*m*m*m + 2*m*m*n per matrix (nominal, m <= n)",
+        "tuning_cache": os.environ[tk.triton_cache.DIR_ENV],
         "results": results,
     }
     text = json.dumps(doc, indent=2)

@@ -25,11 +25,13 @@ fixed blocks; that is how the tests exercise them without a GPU.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 from typing import Iterable, Sequence
 
 import torch
+
+from . import triton_cache
 
 try:  # triton is optional: CPU-only installs and some platforms have none.
     import triton
@@ -44,75 +46,127 @@ except Exception:  # pragma: no cover - depends on the environment
 __all__ = [
     "HAS_TRITON",
     "DISABLE_ENV",
+    "MODE_ENV",
+    "MIN_GRAM_ENV",
+    "AUTOTUNE_ENV",
     "use_triton",
+    "prefers_triton",
     "sym_gram",
     "sym_poly",
     "newton_schulz_iterations_triton",
 ]
 
-DISABLE_ENV = "DIST_MUON_DISABLE_TRITON"
+DISABLE_ENV = "DIST_MUON_DISABLE_TRITON"  # 1: always torch (same as DIST_MUON_TRITON=off)
+MODE_ENV = "DIST_MUON_TRITON"  # auto (default): the size rule; on: always Triton; off: never
+MIN_GRAM_ENV = "DIST_MUON_TRITON_MIN_GRAM"  # the rule's threshold on batch·s² (see prefers_triton)
+AUTOTUNE_ENV = "DIST_MUON_TRITON_AUTOTUNE"  # 0: take the heuristic tile instead of timing candidates
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Measured on an H100 in bf16 (docs/triton.md): Triton loses 2x on a single 1024×4096
+# (batch·s² = 2^20: too few output tiles to fill the SMs, and launch overhead is a large share of
+# 0.5 ms) and wins from one 4096×4096 Gram matrix (2^24) upwards. Nothing in between was
+# measured, so the threshold sits at the smallest measured win: torch is the safe side.
+DEFAULT_MIN_GRAM = 4096 * 4096
+MIN_SIDE = 64  # the smallest tile; a smaller Gram side would be mostly padding
+_MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
+def _mode() -> str:
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return "off"
+    value = os.environ.get(MODE_ENV, "auto").strip().lower()
+    if value not in _MODES:
+        raise ValueError(f"{MODE_ENV}={value!r}: expected auto, on/1 or off/0")
+    return _MODES[value]
+
+
+def prefers_triton(shape: Sequence[int]) -> bool:
+    """The size rule: Triton when the Gram side s = min(m, n) is at least 64 and the stack's
+    Gram matrices hold at least ``DIST_MUON_TRITON_MIN_GRAM`` (default 4096²) entries in all."""
+    *batch, m, n = shape
+    s = min(m, n)
+    return s >= MIN_SIDE and math.prod(batch) * s * s >= int(os.environ.get(MIN_GRAM_ENV, DEFAULT_MIN_GRAM))
 
 
 def use_triton(X: torch.Tensor) -> bool:
-    """Whether NS on ``X`` should take the Triton path: CUDA tensor, triton importable,
-    a supported dtype, and ``DIST_MUON_DISABLE_TRITON`` not set (to anything but 0)."""
-    return (
-        HAS_TRITON
-        and X.is_cuda
-        and X.dtype in SUPPORTED_DTYPES
-        and X.ndim >= 2
-        and not _disabled()
-    )
+    """Whether NS on ``X`` ([..., m, n]) should take the Triton path: a CUDA tensor of a
+    supported dtype, triton importable, and ``DIST_MUON_TRITON`` on, or auto (the default) and
+    ``prefers_triton(X.shape)``. ``DIST_MUON_DISABLE_TRITON=1`` forces the torch path."""
+    if not (HAS_TRITON and X.is_cuda and X.dtype in SUPPORTED_DTYPES and X.ndim >= 2):
+        return False
+    mode = _mode()
+    return mode == "on" or (mode == "auto" and prefers_triton(X.shape))
+
+
+# Tile candidates (BLOCK_M, BLOCK_K, num_warps, num_stages); the first that survives pruning is
+# also the untuned heuristic choice.
+_FIELDS = ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages")
+_CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (128, 32, 4, 4),
+    (128, 128, 8, 3),
+    (64, 64, 4, 4),
+    (64, 32, 4, 5),
+]
+_INTERP_CONFIG = (16, 16, 1, 1)  # the interpreter runs on numpy: small tiles, nothing to tune
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory the operand pipeline may use (H100: 228 KiB)
+
+
+def _candidates(M: int, elem: int) -> list:
+    """Drop 128-row tiles for small matrices (they would leave most of the GPU idle) and configs
+    whose operand pipeline cannot fit in shared memory (fp32 with big tiles)."""
+
+    def fits(cfg):
+        bm, bk, _, stages = cfg
+        return 2 * bm * bk * elem * max(stages - 1, 1) <= _SMEM_BUDGET
+
+    def small_enough(cfg):
+        return cfg[0] <= max(64, triton.next_power_of_2(M) // 2)
+
+    kept = [cfg for cfg in _CONFIGS if fits(cfg) and small_enough(cfg)]
+    return kept or [min(_CONFIGS, key=lambda cfg: cfg[0] * cfg[1])]
+
+
+_TUNED: dict = {}  # key -> config, for this process
+_CACHES: dict = {}
+
+
+def _disk_cache(device: str):
+    if not triton_cache.enabled():
+        return None
+    where = (device, str(triton_cache.cache_dir()))
+    if where not in _CACHES:
+        _CACHES[where] = triton_cache.TuneCache(device)
+    return _CACHES[where]
+
+
+def _pick(key: str, device: str, candidates: list, bench) -> tuple:
+    """The tile for ``key``: from this process, else from the disk cache, else by timing every
+    candidate (``bench(cfg)`` -> ms) and storing the winner, so tuning is paid once per machine."""
+    if key in _TUNED:
+        return _TUNED[key]
+    cache = _disk_cache(device)
+    hit = cache.get(key) if cache is not None else None
+    cfg = tuple(hit.get(f) for f in _FIELDS) if isinstance(hit, dict) else None
+    if cfg not in candidates:  # a miss, or an entry this version would not choose from: re-tune
+        if len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV, "1") in ("", "0"):
+            cfg = candidates[0]
+        else:
+            times = [bench(c) for c in candidates]
+            cfg = candidates[times.index(min(times))]
+            if cache is not None:
+                cache.put(key, dict(zip(_FIELDS, cfg)))
+    _TUNED[key] = cfg
+    return cfg
 
 
 if HAS_TRITON:
 
-    if _interpreting():
-        # The interpreter is slow and runs on numpy: small fixed tiles, no autotuning.
-        _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    else:
-        _CONFIGS = [
-            triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
-        ]
-
-    _SMEM_BUDGET = 200 * 1024  # bytes of shared memory the operand pipeline may use (H100: 228 KiB)
-
-    def _prune_configs(configs, named_args, **kwargs):
-        """Drop 128-row tiles for small matrices (they would leave most of the GPU idle) and
-        configs whose operand pipeline cannot fit in shared memory (fp32 with big tiles)."""
-        m = named_args["M"]
-        elem = named_args["X"].element_size()
-
-        def fits(cfg):
-            bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-            return 2 * bm * bk * elem * max(cfg.num_stages - 1, 1) <= _SMEM_BUDGET
-
-        def small_enough(cfg):
-            return cfg.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m) // 2)
-
-        kept = [cfg for cfg in configs if fits(cfg) and small_enough(cfg)]
-        return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"])]
-
-    @triton.autotune(
-        configs=_CONFIGS,
-        key=["M", "K", "POLY", "ALLOW_TF32"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _sym_rows_kernel(
         X,  # [B, M, K] input; for POLY it is A ([B, M, M], K == M)
@@ -133,6 +187,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        K_TILES: tl.constexpr,  # 0 on GPU; the K-tile count under the interpreter
     ):
         """Out[i, j] = X[i-rows] · X[j-rows]ᵀ for upper tiles j ≥ i, mirrored to (j, i)."""
         pid = tl.program_id(0)
@@ -161,7 +216,11 @@ if HAS_TRITON:
         b_ptrs = X + offs_k[:, None] * stride_xk + lj[None, :] * stride_xm  # [BLOCK_K, BLOCK_M]
 
         acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        # Triton 3.5/3.6's interpreter cannot use a runtime scalar as a range() bound (it calls
+        # int() on a 1-element numpy array, an error in numpy 2.x), so there the count comes in as
+        # a constexpr; it must stay inline, as the interpreter turns assigned values into tensors.
+        # Compiled kernels keep the runtime bound: one binary for every K.
+        for k in range(0, K_TILES if K_TILES else tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
@@ -231,35 +290,42 @@ def _as_batch(X: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(X3: torch.Tensor, out: torch.Tensor, M: int, K: int, poly: bool, beta: float, gamma: float):
-    batch = X3.shape[0]
-
-    def grid(meta):
-        t = triton.cdiv(M, meta["BLOCK_M"])
-        return (t * (t + 1) // 2, batch)
-
     ieee = X3.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     allow_tf32 = X3.dtype == torch.float32 and not ieee
     if _interpreting() and X3.dtype == torch.float32:
         ieee, allow_tf32 = True, False
-    ctx = torch.cuda.device(X3.device) if X3.is_cuda else contextlib.nullcontext()
-    with ctx:
-        _sym_rows_kernel[grid](
-            X3,
-            out,
-            M,
-            K,
-            X3.stride(0),
-            X3.stride(1),
-            X3.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            float(beta),
-            float(gamma),
-            POLY=poly,
-            IEEE_FP32=ieee,
-            ALLOW_TF32=allow_tf32,
+
+    def run(cfg):
+        bm, bk, warps, stages = cfg
+        t = triton.cdiv(M, bm)
+        _sym_rows_kernel[(t * (t + 1) // 2, X3.shape[0])](
+            X3, out, M, K,
+            X3.stride(0), X3.stride(1), X3.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            float(beta), float(gamma),
+            POLY=poly, IEEE_FP32=ieee, ALLOW_TF32=allow_tf32, BLOCK_M=bm, BLOCK_K=bk,
+            EVEN_K=K % bk == 0, K_TILES=triton.cdiv(K, bk) if _interpreting() else 0,
+            num_warps=warps, num_stages=stages,
         )
+
+    if _interpreting():
+        return run(_INTERP_CONFIG)
+
+    def bench(cfg):
+        try:
+            return triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25)
+        except Exception:  # a tile that does not compile or fit on this GPU is just not a candidate
+            return float("inf")
+
+    device = torch.cuda.get_device_name(X3.device)
+    # Column-major rows (the X.mT views of tall stacks) load differently: tuned separately.
+    layout = "cm" if X3.stride(1) == 1 and X3.stride(2) != 1 else "rm"
+    kernel = f"{'poly' if poly else 'gram'}-{layout}{'-tf32' if allow_tf32 else ''}"
+    key = triton_cache.make_key(
+        triton_version=triton.__version__, device=device, dtype=X3.dtype, kernel=kernel, M=M, K=K
+    )
+    with torch.cuda.device(X3.device):
+        run(_pick(key, device, _candidates(M, X3.element_size()), bench))
 
 
 def sym_gram(X: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
