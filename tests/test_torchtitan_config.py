@@ -72,14 +72,16 @@ def test_cli_overrides_every_field():
         "--optimizer.beta1", "0.8", "--optimizer.beta2", "0.99", "--optimizer.eps", "1e-10",
         "--optimizer.owner_policy", "round_robin", "--optimizer.bucket_bytes", "1048576",
         "--optimizer.nonfinite_grad", "skip", "--optimizer.compile_ns", "--optimizer.rules", rules,
-        "--optimizer.no-log_routing",
+        "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon",
+        "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7",
     )
     assert dm_titan.distmuon_kwargs(config.optimizer) == dict(
         lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic", ns_steps=6,
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
-        compile_ns=True, bucket_bytes=1048576,
+        compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7,
     )
+    assert config.optimizer.matrix_algorithm == "normuon"
     assert dm_titan.parse_rules(config.optimizer.rules) == [("attention\\.wq", {"lr": 0.01}),
                                                             ("norm", {"algorithm": "adamw"})]
     assert config.optimizer.log_routing is False
@@ -131,6 +133,8 @@ def test_unknown_optimizer_flag_on_cli_names_it(capsys):
         (["--optimizer.owner_policy", "random"], "owner_policy"),
         (["--optimizer.bucket_bytes", "0"], "bucket_bytes"),
         (["--optimizer.nonfinite_grad", "ignore"], "nonfinite_grad"),
+        (["--optimizer.matrix_algorithm", "adam"], "matrix_algorithm"),
+        (["--optimizer.normuon_beta2", "1.0"], "normuon_beta2"),
         (["--optimizer.early_step_in_backward"], "early_step_in_backward"),
         (["--optimizer.rules", '[{"pattern": "(unclosed"}]'], "rules[0].pattern"),
         (["--optimizer.rules", '[{"pattern": "wq", "split_size": [1]}]'], "rules[0]"),
@@ -186,6 +190,16 @@ def test_train_spec_builds_one_distmuon_per_model_part(model_name):
         assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in part.parameters()}
         algorithms = {g["algorithm"]: g["lr"] for g in opt.param_groups}
         assert algorithms == {"muon": 0.02, "adamw": 0.004}
+
+
+def test_matrix_algorithm_normuon_routes_the_weight_matrices():
+    dm_titan.register("llama3")
+    part = tiny_model("llama3")
+    container = get_train_spec("llama3").build_optimizers_fn(
+        [part], optimizer_config(matrix_algorithm="normuon", normuon_beta2=0.9), NO_MESHES)
+    (opt,) = container
+    assert {g["algorithm"] for g in opt.param_groups} == {"normuon", "adamw"}
+    assert all(g["beta2"] == 0.9 for g in opt.param_groups if g["algorithm"] == "normuon")
 
 
 def test_other_optimizer_names_use_torchtitan():

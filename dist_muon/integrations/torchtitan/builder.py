@@ -33,7 +33,7 @@ class DistMuonOptimizersContainer(OptimizersContainer):
         self.optimizers = []
         all_params = []
         for part in model_parts:
-            groups = dm.build_param_groups(part, rules=rules)
+            groups = dm.build_param_groups(part, rules=rules, matrix_algorithm=optimizer_config.matrix_algorithm)
             if optimizer_config.log_routing and _is_rank0():
                 logger.info(f"DistMuon routing:\n{dm.routing_report(groups)}")
             self.optimizers.append(dm.DistMuon(groups, **kwargs))

@@ -74,6 +74,16 @@ class DistMuonOptimizer(TorchtitanOptimizer):
     ns_dtype: str = "auto"
     """Newton–Schulz compute dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32" or "float16"."""
 
+    matrix_algorithm: str = "muon"
+    """Algorithm of the weight matrices no rule routes: "muon", "normuon" (Muon with NorMuon's per-row
+    second-moment normalisation) or "muown". Embeddings, the output head and vectors stay AdamW."""
+
+    normuon_beta2: float = 0.95
+    """NorMuon: EMA coefficient of the per-row second moment of the orthogonalized update."""
+
+    normuon_eps: float = 1e-8
+    """NorMuon: added to the per-row RMS before dividing."""
+
     adjust_lr: str = "original"
     """Per-matrix lr scale: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2*sqrt(max(m, n))) or "none"."""
 
@@ -98,7 +108,7 @@ class DistMuonOptimizer(TorchtitanOptimizer):
     rules: RoutingRules = field(default_factory=list)
     """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
     (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
-    algorithm ("muon" | "adamw" | "muown"), view options (num_experts, split_sizes, num_heads,
+    algorithm ("muon" | "normuon" | "adamw" | "muown"), view options (num_experts, split_sizes, num_heads,
     flatten) and per-group hyperparameters (lr, weight_decay, momentum, betas, eps, ...).
     On the command line: JSON."""
 
@@ -162,7 +172,10 @@ def _core_choices() -> dict[str, tuple]:
     from dist_muon.plan import OWNER_POLICIES
     from dist_muon.views import ADJUST_LR
 
+    from dist_muon.optimizer.groups import MATRIX_ALGORITHMS
+
     return {
+        "matrix_algorithm": MATRIX_ALGORITHMS,
         "ns_method": NAMED_METHODS,
         "adjust_lr": tuple("none" if a is None else a for a in ADJUST_LR),
         "owner_policy": OWNER_POLICIES,
@@ -198,14 +211,15 @@ def validate(cfg) -> None:
     choices = _core_choices()
     for name in ("lr", "weight_decay", "eps"):
         _check_number(cfg, name, 0)
-    for name in ("beta1", "beta2", "momentum"):
+    for name in ("beta1", "beta2", "momentum", "normuon_beta2"):
         _check_number(cfg, name, 0, 1, high_open=True)
+    _check_number(cfg, "normuon_eps", 0)
     _check_number(cfg, "adamw_lr", 0, optional=True)
     _check_number(cfg, "adamw_weight_decay", 0, optional=True)
     _check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
     for name in ("nesterov", "compile_ns", "log_routing"):
         _check_bool(cfg, name)
-    for name in ("adjust_lr", "owner_policy", "nonfinite_grad"):
+    for name in ("matrix_algorithm", "adjust_lr", "owner_policy", "nonfinite_grad"):
         _check_choice(cfg, name, choices[name])
     _check_schedule(cfg, choices)
     if cfg.early_step_in_backward:
@@ -269,6 +283,8 @@ def distmuon_kwargs(cfg) -> dict[str, Any]:
         adamw_betas=(float(cfg.beta1), float(cfg.beta2)),
         adamw_eps=float(cfg.eps),
         adamw_weight_decay=None if cfg.adamw_weight_decay is None else float(cfg.adamw_weight_decay),
+        normuon_beta2=float(cfg.normuon_beta2),
+        normuon_eps=float(cfg.normuon_eps),
         owner_policy=cfg.owner_policy,
         nonfinite_grad=cfg.nonfinite_grad,
         compile_ns=cfg.compile_ns,
