@@ -21,10 +21,15 @@ Nothing here needs a GPU to import: without triton, ``HAS_TRITON`` is False and 
 answers False, so ``newton_schulz.newton_schulz_iterations`` keeps its torch path. Under
 ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors with small
 fixed blocks; that is how the tests exercise them without a GPU.
+
+Which stacks take this path (``use_triton``: a size rule measured on an H100) and how tiles are
+chosen (timed once per device, dtype and shape, then read from ``triton_cache``'s file) are in
+docs/triton.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Iterable, Sequence
@@ -289,6 +294,11 @@ def _as_batch(X: torch.Tensor) -> torch.Tensor:
     return X.reshape(-1, *X.shape[-2:])
 
 
+@functools.cache
+def _device_name(index) -> str:  # looked up on every launch: keep it off the hot path
+    return torch.cuda.get_device_name(index)
+
+
 def _launch(X3: torch.Tensor, out: torch.Tensor, M: int, K: int, poly: bool, beta: float, gamma: float):
     ieee = X3.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     allow_tf32 = X3.dtype == torch.float32 and not ieee
@@ -317,7 +327,7 @@ def _launch(X3: torch.Tensor, out: torch.Tensor, M: int, K: int, poly: bool, bet
         except Exception:  # a tile that does not compile or fit on this GPU is just not a candidate
             return float("inf")
 
-    device = torch.cuda.get_device_name(X3.device)
+    device = _device_name(X3.device.index)
     # Column-major rows (the X.mT views of tall stacks) load differently: tuned separately.
     layout = "cm" if X3.stride(1) == 1 and X3.stride(2) != 1 else "rm"
     kernel = f"{'poly' if poly else 'gram'}-{layout}{'-tf32' if allow_tf32 else ''}"
