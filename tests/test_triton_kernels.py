@@ -300,6 +300,15 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_repaired(tmp_path, garbage)
     assert triton_cache.TuneCache(H100, tmp_path).get(_key()) == CFG
 
 
+def test_unwritable_cache_only_warns(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    cache = triton_cache.TuneCache(H100, blocker)
+    with pytest.warns(UserWarning, match="could not write"):
+        cache.put(_key(), CFG)
+    assert cache.get(_key()) == CFG  # still remembered by this object
+
+
 def test_concurrent_writers_keep_every_entry(tmp_path):
     code = _LOAD_CACHE_MODULE + (
         "for M in range(20):\n"

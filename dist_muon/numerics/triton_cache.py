@@ -69,18 +69,25 @@ class TuneCache:
         return self._entries.get(key)
 
     def put(self, key: str, value: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            entries = self._read()  # re-read under the lock: another rank may have added entries
+        """Add an entry. A cache that cannot be written (read-only home, full disk) only warns:
+        losing the cache must never stop training."""
+        entries = dict(self._entries or {})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                entries = self._read()  # re-read under the lock: another rank may have added entries
+                entries[key] = value
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+        except OSError as e:
             entries[key] = value
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": _FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            warnings.warn(f"could not write the Triton tuning cache {self.path}: {e}", stacklevel=2)
         self._entries = entries
