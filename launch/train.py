@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -46,6 +47,10 @@ def run(trainer_cls, config) -> None:
             trainer.close()
         raise  # as torchtitan: no destroy_process_group after a failure (it can hang on NCCL)
     trainer.close()
+    # Free what holds the process group (model, optimizers, meshes) while it is alive, then destroy it:
+    # left to interpreter teardown, a gloo group can abort a finished rank.
+    del trainer
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
