@@ -73,13 +73,13 @@ def test_cli_overrides_every_field():
         "--optimizer.owner_policy", "round_robin", "--optimizer.bucket_bytes", "1048576",
         "--optimizer.nonfinite_grad", "skip", "--optimizer.compile_ns", "--optimizer.rules", rules,
         "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon",
-        "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7",
+        "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7", "--optimizer.cuda_graph",
     )
     assert dm_titan.distmuon_kwargs(config.optimizer) == dict(
         lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic", ns_steps=6,
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
-        compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7,
+        compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7, cuda_graph=True,
     )
     assert config.optimizer.matrix_algorithm == "normuon"
     assert dm_titan.parse_rules(config.optimizer.rules) == [("attention\\.wq", {"lr": 0.01}),

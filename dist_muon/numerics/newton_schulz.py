@@ -137,16 +137,17 @@ def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tenso
     return iterate_(X3, *_workspace(X3), schedule).reshape(X.shape)
 
 
-def normuon_rows_(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float, scale: float = 1.0) -> torch.Tensor:
+def normuon_rows_(O: torch.Tensor, v: torch.Tensor, weight, eps: float, scale: float = 1.0) -> torch.Tensor:
     """NorMuon's per-row normalisation (Li et al. 2025) of orthogonalized matrices, in place.
 
     O: [k, m, n] (any float dtype); v: [k, m, 1] fp32 second moments, updated in place:
-    ``v ← lerp(v, mean_cols(O²), 1 − beta2)``; then ``O ← O / (sqrt(v) + eps)``, rescaled to
-    O's own Frobenius norm, times ``scale``. A zero matrix stays zero.
+    ``v ← lerp(v, mean_cols(O²), weight)`` with ``weight = 1 − beta2`` (a float, or a tensor
+    broadcasting to v); then ``O ← O / (sqrt(v) + eps)``, rescaled to O's own Frobenius norm,
+    times ``scale``. A zero matrix stays zero.
     """
     dtype = torch.promote_types(O.dtype, v.dtype)
     row_sq = torch.linalg.vector_norm(O, dim=-1, keepdim=True, dtype=dtype).square_()  # n·mean_cols(O²)
-    v.lerp_(row_sq.div(O.size(-1)).to(v.dtype), 1 - beta2)
+    v.lerp_(row_sq.div(O.size(-1)).to(v.dtype), weight)
     inv = v.sqrt().add_(eps).reciprocal_()
     before = row_sq.sum(dim=-2, keepdim=True)
     after = (row_sq * inv.square()).sum(dim=-2, keepdim=True).clamp_min_(torch.finfo(dtype).tiny)

@@ -27,6 +27,7 @@ from .groups import (
     ns_key,
     view_of,
 )
+from .graphed import GraphedMatrixStep
 from .pipeline import BucketRunner, StepStats
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -56,6 +57,10 @@ class DistMuon(torch.optim.Optimizer):
         owner_policy: "balanced" (by Newton–Schulz FLOPs) or "round_robin".
         bucket_bytes: budget for whole matrices a rank assembles at once (two buckets in flight).
         nonfinite_grad: "raise" or "skip" (skip the whole step, with a warning) on inf/NaN gradients.
+        cuda_graph: run the Muon/NorMuon part of each step as a captured CUDA graph (captured on the
+            second step, replayed after; lr, weight decay and which parameters have gradients stay
+            live). On CPU the same code runs eagerly. Call ``release_graph()`` before
+            ``destroy_process_group``. Not with Muown groups.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
     """
@@ -83,6 +88,7 @@ class DistMuon(torch.optim.Optimizer):
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         nonfinite_grad: str = "raise",
         compile_ns: bool = False,
+        cuda_graph: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -96,6 +102,8 @@ class DistMuon(torch.optim.Optimizer):
         self.owner_policy = owner_policy
         self.bucket_bytes = bucket_bytes
         self.compile_ns = bool(compile_ns)
+        self.cuda_graph = bool(cuda_graph)
+        self._graphed: Optional[GraphedMatrixStep] = None
         self._plan: Optional[Plan] = None
         self._plan_key: Optional[tuple] = None
         self._digest_cache: tuple = (None, None)
@@ -213,13 +221,25 @@ class DistMuon(torch.optim.Optimizer):
         self._plan, self._plan_key = plan, key
         self._agreement = self._agreement_record(specs)
         self._plan_digest = _digest(repr(self._agreement))
-        self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns)
+        self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns,
+                                    keep_workspace=self.cuda_graph)
         self._rows_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._muown_updates = {
             pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
             for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
         }
+        if self.cuda_graph:
+            muown = [self._names(g, gi)[0] for gi, g in enumerate(self.param_groups) if g["algorithm"] == "muown"]
+            if muown:
+                raise ValueError(f"cuda_graph=True does not support Muown groups ({muown[0]}, ...): route them to "
+                                 "muon/normuon or leave cuda_graph off")
+            self._graphed = GraphedMatrixStep(self, self._runner)
         return plan
+
+    def release_graph(self) -> None:
+        """Drop the captured CUDA graph (call before ``destroy_process_group``); the next step recaptures."""
+        if self._graphed is not None:
+            self._graphed.release()
 
     def _agreement_record(self, specs) -> dict:
         """Everything ranks must agree on; compared by digest first, in detail only on mismatch."""
@@ -275,6 +295,9 @@ class DistMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, has_grad)
+        if self._graphed is not None:
+            self.last_step_stats = self._graphed.step(has_grad)
+            return loss
         entries = self._matrix_params()
         inputs = self._muon_inputs(entries, has_grad)
         outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
@@ -488,6 +511,9 @@ class DistMuon(torch.optim.Optimizer):
         super().load_state_dict({**state_dict, "state": stripped})
         for (_, key), (param, live_dtype, value) in own_dtype.items():
             self.state[param][key] = value.to(device=param.device, dtype=live_dtype)
+        if self._graphed is not None:  # new state tensors: recapture on the addresses they have now
+            self._graphed.release()
+            self._graphed = GraphedMatrixStep(self, self._runner)
 
     def _state_kept_out_of_torch_cast(self, state_dict: dict) -> dict:
         """(saved param id, key) -> (param, dtype to keep, saved value) for floating state whose dtype

@@ -136,12 +136,19 @@ class _Bucket:
 class BucketRunner:
     """Runs every bucket of a plan for one rank and one step."""
 
-    def __init__(self, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device, compile_ns: bool = False):
+    def __init__(self, schedules: Sequence[BucketSchedule], group: comm.CommGroup, device, compile_ns: bool = False,
+                 keep_workspace: bool = False):
+        """``keep_workspace``: keep the workspace's memory between steps (a captured graph needs fixed
+        addresses); otherwise it exists only during ``run``."""
         self.schedules, self.group, self.device = tuple(schedules), group, device
         self.newton_schulz = torch.compile(newton_schulz_, dynamic=False) if compile_ns else newton_schulz_
         self.workspace = Workspace(self.schedules, device)
+        self.keep_workspace = keep_workspace
         self.buckets = [self._freeze(s) for s in self.schedules]
-        self.workspace.release()
+        self._stack_params = {id(st): torch.tensor(st.record.params, dtype=torch.long, device=device)
+                              for bucket in self.buckets for st in bucket.stacks} if keep_workspace else {}
+        if not keep_workspace:
+            self.workspace.release()
         self._outputs: tuple[int, ...] = ()
         totals = StepStats(rank=group.rank, buckets=len(schedules), workspace_bytes=sum(self.workspace.nbytes))
         for s in self.schedules:
@@ -156,7 +163,7 @@ class BucketRunner:
     def _freeze(self, s: BucketSchedule) -> _Bucket:
         view = lambda w: self.workspace.view(w, s.slot, s.key.dtype)  # noqa: E731
         stacks = [_StackViews(st, view(st.x), view(st.y), view(st.gram[0]), view(st.gram[1]), view(st.result),
-                              None if st.rows is None else view(st.rows).view(torch.float32))
+                              None if st.rows is None else view(st.rows).view(_row_dtype(s.key.dtype)))
                   for st in s.stacks]
         return _Bucket(
             s, self._copies(s.stage, view), self._copies(s.forward, view),
@@ -197,17 +204,22 @@ class BucketRunner:
     # -- one step
 
     def run(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], factors: dict[int, float],
-            muted: frozenset = frozenset(), normuon: Optional[dict[int, tuple[float, float]]] = None) -> StepStats:
+            muted: frozenset = frozenset(), normuon: Optional[dict[int, tuple[float, float]]] = None,
+            live: Optional[Live] = None) -> StepStats:
         """Orthogonalize every matrix and add ``factor · s · O`` onto its output.
 
         ``inputs[p]`` / ``outputs[p]``: the local NS input and output of plan parameter p (for a
         NorMuon parameter's per-row state: that state, read and overwritten); ``factors[g]``: the
         factor of param group g (−lr for Muon); ``normuon[g]``: (beta2, eps) of NorMuon groups;
         results of parameters in ``muted`` are zeroed before they are applied (no gradient this step).
+        With ``live`` (needs ``keep_workspace``), ``factors`` hold only the sign and lr and the
+        gradient mask come from device memory instead (``muted`` is ignored).
         """
         stats = StepStats(**self._totals.as_dict())
         self._bind_outputs(outputs)
-        self.workspace.acquire()
+        self._live = live
+        if not self.keep_workspace:
+            self.workspace.acquire()
         try:
             n = len(self.buckets)
             forward = self._start_forward(self.buckets[0], inputs) if n else None
@@ -224,7 +236,8 @@ class BucketRunner:
             if pending is not None:
                 self._finish_back(*pending, stats)
         finally:
-            self.workspace.release()
+            if not self.keep_workspace:
+                self.workspace.release()
         return stats
 
     def _start_forward(self, bucket: _Bucket, inputs) -> Optional[object]:
@@ -237,20 +250,36 @@ class BucketRunner:
                        normuon: dict[int, tuple[float, float]], stats: StepStats) -> None:
         t0 = time.perf_counter()
         schedule = bucket.schedule.key.schedule
+        live = self._live
         for st in bucket.stacks:
             factor = factors[st.record.group] * st.record.scale
+            if live is not None:
+                self._orthogonalize_live(st, schedule, factor, normuon, live)
+                continue
             silent = [i for i, p in enumerate(st.record.params) if p in muted] if muted else []
             if st.rows is None:
                 self.newton_schulz(st.x, st.y, st.a, st.b, schedule, factor)
             else:  # NorMuon's row normalisation needs the unscaled result; muted rows keep their state
                 self.newton_schulz(st.x, st.y, st.a, st.b, schedule, 1.0)
                 kept = [st.rows[i].clone() for i in silent]
-                normuon_rows_(st.result, st.rows, *normuon[st.record.group], factor)
+                beta2, eps = normuon[st.record.group]
+                normuon_rows_(st.result, st.rows, 1 - beta2, eps, factor)
                 for i, old in zip(silent, kept):
                     st.rows[i].copy_(old)
             if silent:
                 torch._foreach_zero_([st.result[i] for i in silent])
         stats.ns_seconds += time.perf_counter() - t0
+
+    def _orthogonalize_live(self, st: _StackViews, schedule, factor: float, normuon, live: Live) -> None:
+        """The same, with lr and the gradient mask read from device memory (capturable)."""
+        has_grad = live.mask.index_select(0, self._stack_params[id(st)]).view(-1, 1, 1)
+        if st.rows is None:
+            self.newton_schulz(st.x, st.y, st.a, st.b, schedule, factor)
+        else:
+            self.newton_schulz(st.x, st.y, st.a, st.b, schedule, 1.0)
+            beta2, eps = normuon[st.record.group]
+            normuon_rows_(st.result, st.rows, has_grad * (1 - beta2), eps, factor)
+        st.result.mul_(has_grad * live.lr[st.record.group])
 
     def _start_back(self, bucket: _Bucket, inputs) -> Optional[object]:
         _foreach_copy(bucket.back, inputs)
@@ -270,6 +299,20 @@ class BucketRunner:
             t0 = time.perf_counter()
             work.wait()
             stats.comm_seconds += time.perf_counter() - t0
+
+
+def _row_dtype(ns_dtype: torch.dtype) -> torch.dtype:
+    """NorMuon's second moments: fp32, or the NS dtype when wider."""
+    return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
+
+
+@dataclass
+class Live:
+    """Per-step values read from device memory, so a captured CUDA graph replays with current ones:
+    ``lr[g]`` (0-dim) per param group and ``mask`` (one 0/1 per plan parameter: has a gradient)."""
+
+    lr: dict[int, torch.Tensor]
+    mask: torch.Tensor
 
 
 def _foreach_copy(copies: _Copies, inputs) -> None:

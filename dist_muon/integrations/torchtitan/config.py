@@ -105,6 +105,9 @@ class DistMuonOptimizer(TorchtitanOptimizer):
     compile_ns: bool = False
     """torch.compile the torch Newton–Schulz loop (the CUDA Triton kernels are used either way)."""
 
+    cuda_graph: bool = False
+    """Run the Muon/NorMuon part of each step as a captured CUDA graph (lr and weight decay stay live)."""
+
     rules: RoutingRules = field(default_factory=list)
     """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
     (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
@@ -217,7 +220,7 @@ def validate(cfg) -> None:
     _check_number(cfg, "adamw_lr", 0, optional=True)
     _check_number(cfg, "adamw_weight_decay", 0, optional=True)
     _check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
-    for name in ("nesterov", "compile_ns", "log_routing"):
+    for name in ("nesterov", "compile_ns", "cuda_graph", "log_routing"):
         _check_bool(cfg, name)
     for name in ("matrix_algorithm", "adjust_lr", "owner_policy", "nonfinite_grad"):
         _check_choice(cfg, name, choices[name])
@@ -288,6 +291,7 @@ def distmuon_kwargs(cfg) -> dict[str, Any]:
         owner_policy=cfg.owner_policy,
         nonfinite_grad=cfg.nonfinite_grad,
         compile_ns=cfg.compile_ns,
+        cuda_graph=cfg.cuda_graph,
     )
     if cfg.bucket_bytes is not None:
         kwargs["bucket_bytes"] = cfg.bucket_bytes
