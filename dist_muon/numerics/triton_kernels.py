@@ -68,9 +68,9 @@ AUTOTUNE_ENV = "DIST_MUON_TRITON_AUTOTUNE"  # 0: take the heuristic tile instead
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Measured on an H100 in bf16 (docs/triton.md): Triton loses 2x on a single 1024×4096
-# (batch·s² = 2^20: too few output tiles to fill the SMs, and launch overhead is a large share of
-# 0.5 ms) and wins from one 4096×4096 Gram matrix (2^24) upwards. Nothing in between was
-# measured, so the threshold sits at the smallest measured win: torch is the safe side.
+# (batch·s² = 2^20; probably too few output tiles for the SMs without split-K, plus launch
+# overhead in a 0.5 ms call) and wins from one 4096×4096 Gram matrix (2^24) upwards. Nothing in
+# between was measured, so the threshold sits at the smallest measured win: torch is the safe side.
 DEFAULT_MIN_GRAM = 4096 * 4096
 MIN_SIDE = 64  # the smallest tile; a smaller Gram side would be mostly padding
 _MODES = {"auto": "auto", "": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
