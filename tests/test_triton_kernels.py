@@ -376,6 +376,13 @@ def test_heuristic_tile_and_disabled_cache(fresh_tuner, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written: neither the heuristic nor the disabled cache
 
 
+def test_no_tuning_during_graph_capture(fresh_tuner):
+    # Timing inside a CUDA-graph capture would break it: heuristic tile, not remembered.
+    assert tk._pick(_key(), H100, CANDIDATES, _never, tune=False) == CANDIDATES[0]
+    assert tk._pick(_key(), H100, CANDIDATES, TIMES.get) == (128, 32, 4, 4)  # tuned when eager
+    assert tk._pick(_key(), H100, CANDIDATES, _never, tune=False) == (128, 32, 4, 4)
+
+
 @needs_triton
 def test_candidates_are_pruned():
     assert all(cfg[0] == 64 for cfg in tk._candidates(100, 2))  # small m: no 128-row tiles

@@ -150,15 +150,19 @@ def _disk_cache(device: str):
     return _CACHES[where]
 
 
-def _pick(key: str, device: str, candidates: list, bench) -> tuple:
+def _pick(key: str, device: str, candidates: list, bench, tune: bool = True) -> tuple:
     """The tile for ``key``: from this process, else from the disk cache, else by timing every
-    candidate (``bench(cfg)`` -> ms) and storing the winner, so tuning is paid once per machine."""
+    candidate (``bench(cfg)`` -> ms) and storing the winner, so tuning is paid once per machine.
+    With ``tune=False`` (during CUDA-graph capture, where timing would break the capture) a miss
+    takes the heuristic tile without remembering it, so a later eager call still tunes."""
     if key in _TUNED:
         return _TUNED[key]
     cache = _disk_cache(device)
     hit = cache.get(key) if cache is not None else None
     cfg = tuple(hit.get(f) for f in _FIELDS) if isinstance(hit, dict) else None
     if cfg not in candidates:  # a miss, or an entry this version would not choose from: re-tune
+        if not tune:
+            return candidates[0]
         if len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV, "1") in ("", "0"):
             cfg = candidates[0]
         else:
@@ -335,7 +339,8 @@ def _launch(X3: torch.Tensor, out: torch.Tensor, M: int, K: int, poly: bool, bet
         triton_version=triton.__version__, device=device, dtype=X3.dtype, kernel=kernel, M=M, K=K
     )
     with torch.cuda.device(X3.device):
-        run(_pick(key, device, _candidates(M, X3.element_size()), bench))
+        tune = not torch.cuda.is_current_stream_capturing()
+        run(_pick(key, device, _candidates(M, X3.element_size()), bench, tune))
 
 
 def sym_gram(X: torch.Tensor, out: "torch.Tensor | None" = None) -> torch.Tensor:
