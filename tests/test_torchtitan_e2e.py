@@ -230,3 +230,21 @@ def test_bad_optimizer_setting_fails_at_startup(launcher, tmp_path):
     assert rc != 0
     assert "[optimizer] momentum: must be >= 0 and < 1, got 1.5" in out, out[-4000:]
     assert "Training starts" not in out
+
+
+def test_main_job_shows_one_log_stream(launcher, tmp_path):
+    """launch/debug_cpu.sh (the README's main job) asks torchrun for rank 0 on the console and every
+    rank's output as files in <dump folder>/logs (torchrun stubbed: the flags are the point here; the
+    two-node test above runs them for real)."""
+    bin_dir, dump = tmp_path / "bin", tmp_path / "dump"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/bin/bash\necho "torchrun $*"\nmkdir -p "$DUMP_FOLDER/checkpoint"\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DUMP_FOLDER": str(dump)}
+    rc, out = launcher.start(["bash", str(REPO / "launch" / "debug_cpu.sh")], tmp_path / "main.log", env=env).wait()
+    assert rc == 0, out
+    runs = [line.split() for line in out.splitlines() if line.startswith("torchrun ")]
+    assert len(runs) == 2, out
+    for args in runs:
+        flags = " ".join(args)
+        assert "--tee 3 --local-ranks-filter 0" in flags and f"--log-dir {dump}/logs" in flags, flags
