@@ -17,6 +17,7 @@ pytest.importorskip("torchtitan")
 
 import dist_muon as dm  # noqa: E402
 from dist_muon.integrations import torchtitan as dm_titan  # noqa: E402
+from harness import TEST_TIMEOUT  # noqa: E402  (the overall limit, raisable by env; never a speed assumption)
 from launch import cpu_shims  # noqa: E402
 from launch.train import parse_config  # noqa: E402
 from torchtitan.components.lr_scheduler import LRSchedulersContainer, build_lr_schedulers  # noqa: E402
@@ -317,7 +318,8 @@ def test_integer_histc_matches_float(monkeypatch):
 
 
 def run_script(cmd: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=TEST_TIMEOUT)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -328,11 +330,12 @@ def test_multinode_script_builds_the_torchrun_command():
                           GPUS_PER_NODE="8", PYTHON="echo"))
     assert out.split() == ["-m", "torch.distributed.run", "--nnodes", "4", "--node_rank", "2",
                            "--nproc_per_node", "8", "--master_addr", "10.0.0.1", "--master_port", "1234",
+                           "--log-dir", "./outputs/torchrun_logs", "--redirects", "3",
                            "-m", "launch.train", "--job.config_file", "configs/llama3_8b.toml"]
 
 
 def test_multinode_script_requires_node_rank():
-    done = subprocess.run(["bash", "launch/multinode.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    done = subprocess.run(["bash", "launch/multinode.sh"], cwd=REPO, capture_output=True, text=True, timeout=TEST_TIMEOUT,
                           env={**os.environ, "NNODES": "2", "MASTER_ADDR": "x", "PYTHON": "echo"})
     assert done.returncode != 0 and "NODE_RANK" in done.stderr
 
