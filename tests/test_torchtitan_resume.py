@@ -5,6 +5,7 @@ from A's step-2 checkpoint and trains steps 3..4 (one launch). B's final checkpo
 every parameter and every optimizer-state tensor (Muon momentum, AdamW moments and step counters),
 <= 1e-5 relative with float32 Newton-Schulz, and every param group's lr. The final checkpoints are
 read in this process with DCP (keys are FQNs, DTensors come back whole), so layouts compare directly.
+Sources shared by several transitions run once; docs/resume_across_layouts.md has the table.
 
 Why the runs can be equal at all when the data-parallel degree changes:
 
@@ -15,6 +16,8 @@ Why the runs can be equal at all when the data-parallel degree changes:
   of every layout sees the same two sequences at every step (batch 2 per dp rank), so the gradient
   is the same for any dp degree, and B may skip the dataloader state when dp changes
   (``--checkpoint.exclude_from_loading dataloader``) without reading other data than A.
+* Gradient clipping is off, or on in both runs where torchtitan's gradient scale differs between the
+  layouts (see NO_CLIPPING and CLIPPED).
 * torchtitan's flavors cannot be resized from the command line; ``register_tiny_flavors`` adds
   2-layer flavors of the debug models (small MLA dims for deepseek_v3, whose stock Newton-Schulz work
   takes seconds per CPU step), imported into each trainer with ``--experimental.custom_import``.
@@ -26,7 +29,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -76,9 +78,10 @@ def register_tiny_flavors() -> None:
         qk_rope_head_dim=16, v_head_dim=32)
 
 
-# The Trainer imports this module (custom_import) after torchtitan.train; pytest's import must not
-# touch torchtitan's model registry.
-if "torchtitan.train" in sys.modules:
+# The launched trainers import this module (custom_import) and set TINY_FLAVORS; pytest's own import
+# leaves torchtitan's model registry alone (other test modules share the process).
+TINY_FLAVORS = "DIST_MUON_TEST_TINY_FLAVORS"
+if os.environ.get(TINY_FLAVORS) == "1":
     register_tiny_flavors()
 
 
@@ -177,6 +180,7 @@ class Runs:
             "--optimizer.ns_dtype", "float32", *NO_CLIPPING, *flags, *extra)
         env = launch_env(self.tmp_path)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+        env[TINY_FLAVORS] = "1"
         cmd = torchrun("--standalone", f"--nproc_per_node={ranks}", *args)
         self.jobs[name] = self.launcher.start(cmd, self.tmp_path / f"{name}.log", env=env, name=name)
         self.layout_of[name], self.source_of[name] = layout, resume_from
