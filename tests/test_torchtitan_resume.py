@@ -326,7 +326,7 @@ WRONG = "fsdp2_to_one_rank_wrong"
 
 def launch_transitions(plans) -> None:
     """Every source run from step 0, then every resumed run; each phase's launches side by side, for
-    both models at once (start-up and waiting dominate a launch here, not the two cores' work).
+    both models at once (much of a launch is start-up and waiting on peers).
 
     ``plans``: ``(runs, transitions, also)``; ``also``: more resumed runs, ``(name, layout, flags, source)``.
     """
