@@ -292,6 +292,7 @@ class DistMuon(torch.optim.Optimizer):
         if has_grad is None:
             self.last_step_stats = StepStats(rank=self._comm.rank, skipped=True)
             return loss
+        self._match_gradient_placements()
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, has_grad)
@@ -313,6 +314,20 @@ class DistMuon(torch.optim.Optimizer):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
                 self._muown_finish(group, p, name, self._muown_updates[pi])
         return loss
+
+    def _match_gradient_placements(self) -> None:
+        """Gradients laid out like their parameters: under TP torchtitan leaves e.g. an embedding's
+        gradient Replicate (weight Shard(0)) and a norm's Partial (weight Replicate).
+
+        Collective, after the ranks agreed on which parameters have gradients, in parameter order,
+        so every rank redistributes the same gradients in the same order. Placements are the same
+        every step, so the check is Python only once nothing differs.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if isinstance(g, DTensor) and g.placements != p.placements:
+                    p.grad = g.redistribute(p.device_mesh, p.placements)
 
     def _second_moments(self) -> list[torch.Tensor]:
         """NorMuon's second moments (local), each viewed as the NS dtype's elements, in plan order.
@@ -508,7 +523,11 @@ class DistMuon(torch.optim.Optimizer):
         # live state says each tensor's dtype: tensors torch would cast wrongly are loaded here.
         own_dtype = self._state_kept_out_of_torch_cast(state_dict)
         stripped = {pid: {k: v for k, v in st.items() if (pid, k) not in own_dtype} for pid, st in state_dict["state"].items()}
+        names = [g.get("param_names") for g in self.param_groups]
         super().load_state_dict({**state_dict, "state": stripped})
+        for group, own in zip(self.param_groups, names):  # a stage keeps its own members' names
+            if own is not None:
+                group["param_names"] = own
         for (_, key), (param, live_dtype, value) in own_dtype.items():
             self.state[param][key] = value.to(device=param.device, dtype=live_dtype)
         if self._graphed is not None:  # new state tensors: recapture on the addresses they have now
