@@ -166,7 +166,7 @@ class DistMuon(torch.optim.Optimizer):
         return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
 
     def _matrix_params(self) -> list[tuple[int, dict, torch.Tensor, str]]:
-        """(group index, group, parameter, name) of every Muon/Muown parameter, in plan order."""
+        """(group index, group, parameter, name) of every muon, normuon and muown parameter, in plan order."""
         return [
             (gi, group, p, name)
             for gi, group in enumerate(self.param_groups) if group["algorithm"] in MATRIX_ALGORITHMS

@@ -39,10 +39,8 @@ class GraphedMatrixStep:
         locals_ = [comm.local_tensor(p) for _, _, p, _ in self.entries]
         self.grads = [torch.empty_like(t, dtype=opt.state[p]["momentum_buffer"].dtype)
                       for t, (_, _, p, _) in zip(locals_, self.entries)]
-        # [lr per group | decay per parameter | has-gradient mask per plan parameter (rows specs included)]
-        n_plan = len(opt._plan.params)
-        self.values = torch.zeros(len(self.groups) + 2 * len(self.entries) + (n_plan - len(self.entries)),
-                                  device=self.device)
+        # [lr per group | weight-decay factor per parameter | has-gradient mask per parameter]
+        self.values = torch.zeros(len(self.groups) + 2 * len(self.entries), device=self.device)
         self.host = torch.zeros_like(self.values, device="cpu", pin_memory=self.device.type == "cuda")
         lr = {gi: self.values[i] for i, gi in enumerate(self.groups)}
         start = len(self.groups)
@@ -60,7 +58,6 @@ class GraphedMatrixStep:
         values = [opt.param_groups[gi]["lr"] for gi in self.groups]
         values += [1 - g["lr"] * g["weight_decay"] if has else 1.0 for (_, g, _, _), has in zip(self.entries, flags)]
         values += [float(has) for has in flags]
-        values += [float(has_grad[id(p)]) for p in opt._rows_specs.values()]  # a NorMuon state row follows its matrix
         self.host.copy_(torch.tensor(values))
         self.values.copy_(self.host, non_blocking=True)
         with_grad = [i for i, has in enumerate(flags) if has]
