@@ -345,6 +345,7 @@ def _group_checks(path: str, optim_sd: dict, prefix: str) -> list[str]:
     if not probe:
         return []
     dcp.load(probe, checkpoint_id=path)
+    mine = {k[len("param_groups."):].rsplit(".", 1)[0] for k in optim_sd if k.startswith("param_groups.")}
     problems = []
     for key, theirs in sorted(probe.items()):
         fqn, option = key[len(prefix + "param_groups."):].rsplit(".", 1)
@@ -353,14 +354,21 @@ def _group_checks(path: str, optim_sd: dict, prefix: str) -> list[str]:
             continue
         if option == "algorithm":
             problems.append(f"{fqn}: routed to {theirs!r} in the checkpoint but to {ours!r} now")
-        elif option == "param_names" and set(_normal(ours)) <= set(_normal(theirs)):
-            continue  # a pipeline stage's group: part of one checkpoint group, so it has that group's values
+        elif option == "param_names" and _stage_of(_normal(ours), _normal(theirs), mine):
+            continue
         elif option == "param_names":
             problems.append(f"{fqn}: its param group holds {list(theirs)} in the checkpoint but {list(ours)} now "
                             "(build the param groups with the rules used when saving)")
         else:
             problems.append(f"{fqn}: view option {option}={theirs!r} in the checkpoint but {ours!r} now")
     return problems
+
+
+def _stage_of(ours, theirs, mine) -> bool:
+    """Whether a live group is a pipeline stage's part of one saved group: its members are all in the
+    saved group, and the saved group's other members belong to no group of this optimizer (another
+    stage's). Then it takes that group's values; members regrouped within one optimizer do not."""
+    return set(ours) <= set(theirs) and not (set(theirs) - set(ours)) & set(mine)
 
 
 def _normal(v):
@@ -549,14 +557,14 @@ def check_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict: dic
     if len(saved_groups) != len(groups):
         raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer {len(groups)} "
                          "(was the model routed differently?)")
+    all_names = {n for g in groups for n in (g.get("param_names") or ())}
     for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
         names = list(group.get("param_names") or [f"param_groups[{gi}][{i}]" for i in range(len(group["params"]))])
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"param group {gi} ({names[0] if names else 'empty'}, …): {len(saved['params'])} "
                              f"parameters in the state dict, {len(group['params'])} in this optimizer")
         saved_names = saved.get("param_names")
-        # A pipeline stage's group may be part of a saved group (same values); anything else was regrouped.
-        if saved_names is not None and not set(names) <= set(saved_names):
+        if saved_names is not None and not _stage_of(names, saved_names, all_names):
             raise ValueError(f"param group {gi} holds {list(saved_names)} in the state dict but {names} in this "
                              "optimizer (build the param groups with the rules used when saving)")
         for key in STRUCTURAL_GROUP_KEYS:
