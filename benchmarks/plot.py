@@ -1,6 +1,6 @@
 """Scaling plot from the benchmark JSONs: optimizer-step time vs world size, one line per implementation.
 
-    python -m benchmarks.plot                      # docs/benchmark_results/w*.json -> docs/benchmarks_scaling.png
+    python -m benchmarks.plot                      # docs/benchmark_results/w<W>.json -> docs/benchmarks_scaling.png
     python -m benchmarks.plot --results DIR --out PNG
 """
 
@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(results_dir: str) -> list[dict]:
-    runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(results_dir, "w*.json")))]
+    paths = sorted(glob.glob(os.path.join(results_dir, "w[0-9]*.json")))
+    runs = [json.load(open(p)) for p in paths if "_" not in os.path.basename(p)]  # w4_bf16.json: another dtype
     return sorted(runs, key=lambda r: r["world_size"])
 
 
@@ -29,12 +30,12 @@ def plot(runs: list[dict], out: str) -> None:
             if n not in names:
                 names.append(n)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for n in names:
+    for i, n in enumerate(names):
         pts = [(r["world_size"], r["seconds"][n]) for r in runs if n in r["seconds"]]
         if not pts:
             continue
         xs, ys = zip(*pts)
-        style = dict(marker="o", linewidth=2.5 if n == "dist_muon" else 1.2)
+        style = dict(marker="o", linewidth=2.5 if n == "dist_muon" else 1.2, color=f"C{i}")  # same colour in both panels
         if n == "torch_muon_single":
             style.update(linestyle="--")
         ax.plot(xs, ys, label=n, **style)
@@ -53,6 +54,7 @@ def plot(runs: list[dict], out: str) -> None:
     ax2.set_ylabel("time / dist_muon time")
     ax2.set_title("relative to dist_muon (>1: dist_muon faster)")
     ax.legend(fontsize=8)
+    ax2.legend(fontsize=8)
     m = runs[0].get("machine", {})
     fig.suptitle(f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, torch {m.get('torch', '?')}, "
                  f"1 thread/process, gloo" + ("" if not m.get("cuda") else " (CUDA)"), fontsize=9)
