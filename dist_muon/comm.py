@@ -10,7 +10,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-
 @dataclass(frozen=True)
 class CommGroup:
     """The ranks one optimizer talks to. ``group`` is None for a single process."""

@@ -6,16 +6,17 @@ Per bucket, top to bottom:
 2. forward: every input piece goes, in one ``_foreach_copy_``, to the send buffer or to this
    rank's own stacks; the all-to-all starts;
 3. unpack: received pieces go into the stacks (one ``_foreach_copy_``);
-4. Newton–Schulz on each stack, in place, with the lr scale folded into its last step;
+4. Newton–Schulz on each stack, in place, with the lr scale folded into its last step (NorMuon
+   stacks: then the per-row normalisation, updating the per-row state that came with them);
 5. back: result pieces go to the back send buffer (one copy) and onto this rank's own outputs
-   (one ``_foreach_add_``); the all-to-all back starts;
+   (one ``_foreach_add_``; NorMuon's per-row state is copied, not added); the all-to-all back starts;
 6. apply: received results are added onto the outputs (one ``_foreach_add_``).
 
 Bucket b+1's forward runs while bucket b computes; they live in the two slots of the workspace.
-The workspace's storage exists only during ``run`` (released between steps), yet every view
-into it is made once. Inputs (gradients) are new tensors every step, so they are passed in and
-read whole; outputs (parameters, Muown's update buffers) persist, and views into them are
-remade only when one of them is a different tensor than before.
+The workspace's storage exists only during ``run`` (released between steps; kept for a captured
+CUDA graph), yet every view into it is made once. Inputs (gradients) are new tensors every step,
+so they are passed in and read whole; outputs (parameters, Muown's update buffers) persist, and
+views into them are remade only when an output's memory moved.
 """
 
 from __future__ import annotations
