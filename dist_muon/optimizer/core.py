@@ -28,6 +28,7 @@ from .groups import (
     view_of,
 )
 from .graphed import GraphedMatrixStep
+from .momentum import momentum_
 from .pipeline import BucketRunner, StepStats
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -457,13 +458,9 @@ class DistMuon(torch.optim.Optimizer):
             grads = [comm.local_tensor(p.grad) for p in params]
             # Mixed dtypes (bf16 gradients of fp32 parameters) need a cast; lerp needs one dtype.
             grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
-            mu = group["momentum"]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            if group["weight_decay"]:
-                torch._foreach_mul_([comm.local_tensor(p) for p in params], 1 - group["lr"] * group["weight_decay"])
-            if group["nesterov"]:
-                torch._foreach_lerp_(grads, bufs, mu)
-            for pi, t in zip(members, grads if group["nesterov"] else bufs):
+            ns_inputs = momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
+                                  group["nesterov"], 1.0 - group["lr"] * group["weight_decay"])
+            for pi, t in zip(members, ns_inputs):
                 inputs[pi] = t
         return inputs
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import comm
+from .momentum import momentum_
 from .pipeline import BucketRunner, Live
 
 
@@ -97,12 +98,9 @@ class GraphedMatrixStep:
             params = [comm.local_tensor(self.entries[i][2]) for i in members]
             bufs = [comm.local_tensor(opt.state[self.entries[i][2]]["momentum_buffer"]) for i in members]
             grads = [self.grads[i] for i in members]
-            mu = group["momentum"]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            torch._foreach_mul_(params, [self.decay[i] for i in members])
-            if group["nesterov"]:
-                torch._foreach_lerp_(grads, bufs, mu)
-            for i, t in zip(members, grads if group["nesterov"] else bufs):
+            ns_inputs = momentum_(params, grads, bufs, group["momentum"], group["nesterov"],
+                                  [self.decay[i] for i in members])
+            for i, t in zip(members, ns_inputs):
                 inputs[i] = t
         outputs = [comm.local_tensor(p) for _, _, p, _ in self.entries]
         rows = opt._second_moments()
