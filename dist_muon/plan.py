@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from .layout import DimRuns, Layout, Run
+from .layout import dtensor_layout, layout_of, replicated_layout  # noqa: F401 - where they lived before layout.py
 from .numerics import NSKey
 from .views import MatrixView, lr_scale
 
