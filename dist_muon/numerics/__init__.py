@@ -10,6 +10,7 @@ from .newton_schulz import (
     orthogonalize,
     orthogonalize_with,
     resolve_ns_dtype,
+    row_state_dtype,
 )
 from .schedules import NAMED_METHODS, POLAR_EXPRESS, QUINTIC, Schedule, resolve_schedule
 
@@ -28,4 +29,5 @@ __all__ = [
     "orthogonalize",
     "orthogonalize_with",
     "resolve_schedule",
+    "row_state_dtype",
 ]

@@ -137,6 +137,11 @@ def newton_schulz_iterations(X: torch.Tensor, schedule: Schedule) -> torch.Tenso
     return iterate_(X3, *_workspace(X3), schedule).reshape(X.shape)
 
 
+def row_state_dtype(ns_dtype: torch.dtype) -> torch.dtype:
+    """NorMuon's second moments: fp32, or the NS dtype when wider (they travel as NS-dtype elements)."""
+    return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
+
+
 def normuon_rows_(O: torch.Tensor, v: torch.Tensor, weight, eps: float, scale: float = 1.0) -> torch.Tensor:
     """NorMuon's per-row normalisation (Li et al. 2025) of orthogonalized matrices, in place.
 

@@ -15,6 +15,7 @@ from torch.optim.adamw import adamw as adamw_functional
 from .. import comm
 from ..layout import layout_of, widened
 from ..numerics import muown as muown_math
+from ..numerics import row_state_dtype
 from ..plan import MatrixSpec, Plan, build_plan, spec_fingerprint
 from ..routing import VIEW_KEYS
 from ..views import row_statistic_shape, rows_view
@@ -28,7 +29,7 @@ from .groups import (
     view_of,
 )
 from .graphed import GraphedMatrixStep
-from .momentum import momentum_
+from .momentum import in_dtypes_of, momentum_
 from .pipeline import BucketRunner, StepStats
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -149,7 +150,8 @@ class DistMuon(torch.optim.Optimizer):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if algorithm == "normuon":
             view = view_of(group, p, "param")
-            state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view), self._row_dtype(group))
+            state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view),
+                                                         row_state_dtype(ns_key(group, self._device).dtype))
         if algorithm == "muown":
             dims = view_of(group, p, "param").row_norm_dims
             norms = _settled(muown_math.row_norms(p.detach().float(), dims))
@@ -160,11 +162,6 @@ class DistMuon(torch.optim.Optimizer):
             state["magnitude_exp_avg_sq"] = torch.zeros_like(norms)
 
     # ------------------------------------------------------------------ the plan
-
-    def _row_dtype(self, group: dict) -> torch.dtype:
-        """NorMuon's second moments: fp32, or the NS dtype if wider (they travel as NS-dtype elements)."""
-        ns_dtype = ns_key(group, self._device).dtype
-        return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
 
     def _matrix_params(self) -> list[tuple[int, dict, torch.Tensor, str]]:
         """(group index, group, parameter, name) of every muon, normuon and muown parameter, in plan order."""
@@ -205,7 +202,7 @@ class DistMuon(torch.optim.Optimizer):
         for pi, (gi, group, p, name) in enumerate(entries):
             if group["algorithm"] == "normuon":
                 spec = specs[pi]
-                width = self._row_dtype(group).itemsize // spec.ns_key.itemsize
+                width = row_state_dtype(spec.ns_key.dtype).itemsize // spec.ns_key.itemsize
                 self._rows_specs[len(specs)] = p
                 specs.append(dataclasses.replace(
                     spec, name=f"{name}:second_moment", view=rows_view(spec.view, width), companion_of=pi,
@@ -429,7 +426,7 @@ class DistMuon(torch.optim.Optimizer):
         grads = [comm.local_tensor(p.grad) for p in params]
         adamw_functional(
             locals_,
-            [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, locals_)],  # lerp needs one dtype
+            in_dtypes_of(grads, locals_),
             [comm.local_tensor(s["exp_avg"]) for s in states],
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
             [],
@@ -456,8 +453,7 @@ class DistMuon(torch.optim.Optimizer):
             params = [entries[pi][2] for pi in members]
             bufs = [comm.local_tensor(self.state[p]["momentum_buffer"]) for p in params]
             grads = [comm.local_tensor(p.grad) for p in params]
-            # Mixed dtypes (bf16 gradients of fp32 parameters) need a cast; lerp needs one dtype.
-            grads = [g if g.dtype == b.dtype else g.to(b.dtype) for g, b in zip(grads, bufs)]
+            grads = in_dtypes_of(grads, bufs)
             ns_inputs = momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
                                   group["nesterov"], 1.0 - group["lr"] * group["weight_decay"])
             for pi, t in zip(members, ns_inputs):

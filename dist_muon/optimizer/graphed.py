@@ -37,6 +37,7 @@ class GraphedMatrixStep:
         self.entries = opt._matrix_params()
         self.device = opt._device
         self.groups = sorted({gi for gi, _, _, _ in self.entries})
+        self.members = {gi: [i for i, (g, _, _, _) in enumerate(self.entries) if g == gi] for gi in self.groups}
         locals_ = [comm.local_tensor(p) for _, _, p, _ in self.entries]
         self.grads = [torch.empty_like(t, dtype=opt.state[p]["momentum_buffer"].dtype)
                       for t, (_, _, p, _) in zip(locals_, self.entries)]
@@ -94,7 +95,7 @@ class GraphedMatrixStep:
         inputs: list[torch.Tensor] = [None] * len(self.entries)
         for gi in self.groups:
             group = opt.param_groups[gi]
-            members = [i for i, e in enumerate(self.entries) if e[0] == gi]
+            members = self.members[gi]
             params = [comm.local_tensor(self.entries[i][2]) for i in members]
             bufs = [comm.local_tensor(opt.state[self.entries[i][2]]["momentum_buffer"]) for i in members]
             grads = [self.grads[i] for i in members]

@@ -9,6 +9,11 @@ import torch
 Decay = Union[float, Sequence[torch.Tensor]]
 
 
+def in_dtypes_of(grads: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient in its partner's dtype (bf16 gradients of fp32 parameters): lerp needs one dtype."""
+    return [g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, like)]
+
+
 def momentum_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float,
               nesterov: bool, decay: Decay) -> list[torch.Tensor]:
     """``buf ← buf.lerp(g, 1 − μ)``; ``p ← p · decay``; the NS input: ``g.lerp(buf, μ)`` (formed in the

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import comm
-from ..numerics import newton_schulz_, normuon_rows_
+from ..numerics import newton_schulz_, normuon_rows_, row_state_dtype
 from ..schedule import INPUT, OUTPUT, BucketSchedule, Copy, Stack, Window
 
 
@@ -164,7 +164,7 @@ class BucketRunner:
     def _freeze(self, s: BucketSchedule) -> _Bucket:
         view = lambda w: self.workspace.view(w, s.slot, s.key.dtype)  # noqa: E731
         stacks = [_StackViews(st, view(st.x), view(st.y), view(st.gram[0]), view(st.gram[1]), view(st.result),
-                              None if st.rows is None else view(st.rows).view(_row_dtype(s.key.dtype)))
+                              None if st.rows is None else view(st.rows).view(row_state_dtype(s.key.dtype)))
                   for st in s.stacks]
         return _Bucket(
             s, self._copies(s.stage, view), self._copies(s.forward, view),
@@ -218,7 +218,6 @@ class BucketRunner:
         """
         stats = StepStats(**self._totals.as_dict())
         self._bind_outputs(outputs)
-        self._live = live
         if not self.keep_workspace:
             self.workspace.acquire()
         try:
@@ -232,7 +231,7 @@ class BucketRunner:
                     self._finish_back(*pending, stats)
                     pending = None
                 forward = self._start_forward(self.buckets[b + 1], inputs) if b + 1 < n else None
-                self._orthogonalize(bucket, factors, muted, normuon or {}, stats)
+                self._orthogonalize(bucket, factors, muted, normuon or {}, live, stats)
                 pending = (bucket, self._start_back(bucket, inputs))
             if pending is not None:
                 self._finish_back(*pending, stats)
@@ -248,10 +247,9 @@ class BucketRunner:
         return comm.all_to_all(self.group, bucket.send, bucket.recv, ex.send_counts, ex.recv_counts, ex.moves)
 
     def _orthogonalize(self, bucket: _Bucket, factors: dict[int, float], muted: frozenset,
-                       normuon: dict[int, tuple[float, float]], stats: StepStats) -> None:
+                       normuon: dict[int, tuple[float, float]], live: Optional[Live], stats: StepStats) -> None:
         t0 = time.perf_counter()
         schedule = bucket.schedule.key.schedule
-        live = self._live
         for st in bucket.stacks:
             factor = factors[st.record.group] * st.record.scale
             if live is not None:
@@ -300,11 +298,6 @@ class BucketRunner:
             t0 = time.perf_counter()
             work.wait()
             stats.comm_seconds += time.perf_counter() - t0
-
-
-def _row_dtype(ns_dtype: torch.dtype) -> torch.dtype:
-    """NorMuon's second moments: fp32, or the NS dtype when wider."""
-    return ns_dtype if ns_dtype.itemsize > 4 else torch.float32
 
 
 @dataclass
