@@ -331,7 +331,7 @@ def verify_files(path: str, verify: str = "sizes") -> dict:
     return manifest
 
 
-def _group_checks(path: str, optim_sd: dict, prefix: str) -> list[str]:
+def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[str]:
     """Compare each parameter's structural param-group values (algorithm, view options, the names of
     the parameters sharing its group) with the checkpoint's.
 
@@ -341,7 +341,10 @@ def _group_checks(path: str, optim_sd: dict, prefix: str) -> list[str]:
     ``DistMuon.load_state_dict`` after DCP had already written the tensors.
     """
     keys = ("param_names",) + STRUCTURAL_GROUP_KEYS
-    probe = {prefix + k: None for k in optim_sd if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in keys}
+    # Only entries the checkpoint has: torchtitan 0.3.0 saves no param_names, and a checkpoint older
+    # than a view key (interleave) lacks it (loaders fill it from the live group).
+    probe = {prefix + k: None for k in optim_sd
+             if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in keys and prefix + k in saved_keys}
     if not probe:
         return []
     dcp.load(probe, checkpoint_id=path)
@@ -385,6 +388,7 @@ def checkpoint_problems(
     model_prefix: str = "model.",
     optim_prefix: str = "optim.",
     exclusive: bool = True,
+    current: Optional[dict[str, Any]] = None,
 ) -> list[str]:
     """Why ``path`` cannot be loaded into model + optimizer exactly (empty: it can); collective.
 
@@ -393,8 +397,11 @@ def checkpoint_problems(
     ``optim_prefix + <flattened optimizer key>``: ``"model."``/``"optim."`` for ``save_checkpoint``,
     ``""``/``"optimizer."`` for torchtitan's checkpoints. ``exclusive=False`` allows optimizer state
     of parameters this optimizer lacks (a pipeline stage loading a checkpoint of all stages).
+    ``current``: the live {"model": ..., "optim": ...} as the saver flattened it (default: torch's
+    ``training_state_dict``; torchtitan 0.3.0 flattens the optimizer its own way).
     """
-    current = training_state_dict(model, optimizer)
+    current = training_state_dict(model, optimizer) if current is None else current
+    metadata = {}
     try:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
@@ -402,7 +409,7 @@ def checkpoint_problems(
     else:
         problems = _key_problems(metadata, current, model_prefix, optim_prefix, exclusive)
     problems = _everyone(problems)  # before the collective dcp.load in _group_checks: all ranks or none
-    return problems or _everyone(_group_checks(path, current["optim"], optim_prefix))
+    return problems or _everyone(_group_checks(path, current["optim"], optim_prefix, metadata.keys()))
 
 
 def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,

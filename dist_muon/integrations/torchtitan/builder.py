@@ -16,6 +16,7 @@ from torchtitan.tools.logging import logger
 import dist_muon as dm
 
 from .config import NAME, distmuon_kwargs, parse_rules, validate
+from .routing import param_groups
 
 
 class DistMuonOptimizersContainer(OptimizersContainer):
@@ -33,7 +34,8 @@ class DistMuonOptimizersContainer(OptimizersContainer):
         self.optimizers = []
         all_params = []
         for part in model_parts:
-            groups = dm.build_param_groups(part, rules=rules, matrix_algorithm=optimizer_config.matrix_algorithm)
+            groups = param_groups(part, rules=rules, matrix_algorithm=optimizer_config.matrix_algorithm,
+                                  attention_view=optimizer_config.attention_view)
             if optimizer_config.log_routing and _is_rank0():
                 logger.info(f"DistMuon routing:\n{dm.routing_report(groups)}")
             self.optimizers.append(dm.DistMuon(groups, **kwargs))

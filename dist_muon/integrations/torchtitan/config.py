@@ -15,108 +15,34 @@ raises ``ConfigError`` naming the field.
 
 # No `from __future__ import annotations`: torchtitan merges these dataclasses with
 # make_dataclass and tyro must resolve the field types at runtime.
-import json
-import math
-import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Mapping, NoReturn
+from typing import Any
 
-import tyro
 from torchtitan.config import Optimizer as TorchtitanOptimizer
 
-NAME = "DistMuon"
+from .options import (  # noqa: F401 - parse_rules and ConfigError are part of this module's API
+    NAME,
+    ConfigError,
+    DistMuonFields,
+    check_number,
+    fail,
+    parse_rules,
+    validate_fields,
+)
+from .options import distmuon_kwargs as _distmuon_kwargs
+
 CONFIG_MODULE = __name__
 
 
-def _json_or_str(text: str) -> Any:
-    """CLI values that look like JSON lists are parsed, anything else stays a string."""
-    return json.loads(text) if text.lstrip().startswith("[") else text
-
-
-def _cli_spec(metavar: str, parse, is_instance) -> tyro.constructors.PrimitiveConstructorSpec:
-    # tyro cannot parse lists of tables from the command line; these fields take JSON there
-    # (TOML gives them natively) and show as JSON in --help.
-    return tyro.constructors.PrimitiveConstructorSpec(
-        nargs=1,
-        metavar=metavar,
-        instance_from_str=lambda args: parse(args[0]),
-        is_instance=is_instance,
-        str_from_instance=lambda value: [value if isinstance(value, str) else json.dumps(value)],
-    )
-
-
-RoutingRules = Annotated[list, _cli_spec("JSON", json.loads, lambda v: isinstance(v, list))]
-NsMethod = Annotated[str | list, _cli_spec("NAME|JSON", _json_or_str, lambda v: isinstance(v, (str, list)))]
-
-
 @dataclass
-class DistMuonOptimizer(TorchtitanOptimizer):
+class DistMuonOptimizer(TorchtitanOptimizer, DistMuonFields):
     """torchtitan's ``[optimizer]`` plus DistMuon's fields (used when ``name = "DistMuon"``).
 
     Mapping onto ``dist_muon.DistMuon``: ``lr`` and ``weight_decay`` are the Muon
     lr / decoupled weight decay; ``beta1``, ``beta2``, ``eps`` are AdamW's betas /
     eps (``adamw_betas``, ``adamw_eps``); every other DistMuon argument has a
-    field of the same name. ``implementation`` is ignored by DistMuon.
+    field of the same name (``options.DistMuonFields``). ``implementation`` is ignored by DistMuon.
     """
-
-    momentum: float = 0.95
-    """Muon momentum (EMA coefficient of the gradient)."""
-
-    nesterov: bool = True
-    """Use Nesterov momentum for Muon."""
-
-    ns_method: NsMethod = "polar_express"
-    """Newton–Schulz schedule: "polar_express", "quintic", or a list of [a, b, c] triples."""
-
-    ns_steps: int = 5
-    """Newton–Schulz iterations (the list length for a custom schedule)."""
-
-    ns_dtype: str = "auto"
-    """Newton–Schulz compute dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32" or "float16"."""
-
-    matrix_algorithm: str = "muon"
-    """Algorithm of the weight matrices no rule routes: "muon", "normuon" (Muon with NorMuon's per-row
-    second-moment normalisation) or "muown". Embeddings, the output head and vectors stay AdamW."""
-
-    normuon_beta2: float = 0.95
-    """NorMuon: EMA coefficient of the per-row second moment of the orthogonalized update."""
-
-    normuon_eps: float = 1e-8
-    """NorMuon: added to the per-row RMS before dividing."""
-
-    adjust_lr: str = "original"
-    """Per-matrix lr scale: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2*sqrt(max(m, n))) or "none"."""
-
-    adamw_lr: float | None = None
-    """lr of the AdamW-routed parameters (embeddings, output head, norms, biases); default: lr."""
-
-    adamw_weight_decay: float | None = None
-    """Weight decay of the AdamW-routed parameters; default: weight_decay."""
-
-    owner_policy: str = "balanced"
-    """How matrices are assigned to owner ranks: "balanced" (by NS cost) or "round_robin"."""
-
-    bucket_bytes: int | None = None
-    """Budget (bytes) of whole matrices a rank assembles at once; default: DistMuon's (512 MiB)."""
-
-    nonfinite_grad: str = "raise"
-    """On inf/NaN gradients: "raise" or "skip" (skip the whole step with a warning)."""
-
-    compile_ns: bool = False
-    """torch.compile the torch Newton–Schulz loop (the CUDA Triton kernels are used either way)."""
-
-    cuda_graph: bool = False
-    """Run the Muon/NorMuon part of each step as a captured CUDA graph (lr and weight decay stay live)."""
-
-    rules: RoutingRules = field(default_factory=list)
-    """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
-    (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
-    algorithm ("muon" | "normuon" | "adamw" | "muown"), view options (num_experts, split_sizes, num_heads,
-    flatten) and per-group hyperparameters (lr, weight_decay, momentum, betas, eps, ...).
-    On the command line: JSON."""
-
-    log_routing: bool = True
-    """Log DistMuon's routing report (where every parameter goes) on rank 0 at start-up."""
 
 
 @dataclass
@@ -126,84 +52,6 @@ class JobConfig:
     optimizer: DistMuonOptimizer = field(default_factory=DistMuonOptimizer)
 
 
-class ConfigError(ValueError):
-    """An invalid ``[optimizer]`` setting; the message names the field."""
-
-
-def _fail(name: str, message: str) -> NoReturn:
-    raise ConfigError(f"[optimizer] {name}: {message}")
-
-
-# ----------------------------------------------------------------------------- types
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_number(cfg, name: str, low: float, high: float = math.inf, *, optional: bool = False,
-                  high_open: bool = False, integer: bool = False) -> None:
-    value = getattr(cfg, name)
-    if value is None and optional:
-        return
-    kind = "an integer" if integer else "a number"
-    if not _is_number(value) or (integer and not isinstance(value, int)):
-        _fail(name, f"expected {kind}, got {value!r} ({type(value).__name__})")
-    if value < low or value > high or (high_open and value == high):
-        upper = ("" if high == math.inf else f" and {'<' if high_open else '<='} {high}")
-        _fail(name, f"must be >= {low}{upper}, got {value!r}")
-
-
-def _check_bool(cfg, name: str) -> None:
-    if not isinstance(getattr(cfg, name), bool):
-        _fail(name, f"expected true or false, got {getattr(cfg, name)!r}")
-
-
-def _check_choice(cfg, name: str, choices) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        _fail(name, f"must be one of {list(choices)}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _core_choices() -> dict[str, tuple]:
-    """Allowed string values, taken from the core so the two cannot drift apart."""
-    from dist_muon.numerics import NAMED_METHODS
-    from dist_muon.optimizer.groups import NONFINITE_POLICIES
-    from dist_muon.plan import OWNER_POLICIES
-    from dist_muon.views import ADJUST_LR
-
-    from dist_muon.optimizer.groups import MATRIX_ALGORITHMS
-
-    return {
-        "matrix_algorithm": MATRIX_ALGORITHMS,
-        "ns_method": NAMED_METHODS,
-        "adjust_lr": tuple("none" if a is None else a for a in ADJUST_LR),
-        "owner_policy": OWNER_POLICIES,
-        "nonfinite_grad": NONFINITE_POLICIES,
-    }
-
-
-def _check_schedule(cfg, choices: Mapping[str, tuple]) -> None:
-    from dist_muon.numerics import check_ns_dtype, resolve_schedule
-
-    _check_number(cfg, "ns_steps", 1, integer=True)
-    if isinstance(cfg.ns_method, str):
-        _check_choice(cfg, "ns_method", choices["ns_method"])
-    try:
-        resolve_schedule(cfg.ns_method, cfg.ns_steps)
-    except (TypeError, ValueError) as e:
-        _fail("ns_method", str(e))
-    if not isinstance(cfg.ns_dtype, str):
-        _fail("ns_dtype", f"expected a dtype name such as \"bfloat16\", got {cfg.ns_dtype!r}")
-    try:
-        check_ns_dtype(cfg.ns_dtype)
-    except (TypeError, ValueError) as e:
-        _fail("ns_dtype", str(e))
-
-
 def validate(cfg) -> None:
     """Check every field DistMuon uses; raises ConfigError naming the first bad field."""
     if not hasattr(cfg, "rules"):
@@ -211,88 +59,14 @@ def validate(cfg) -> None:
             f'[optimizer] name = "{NAME}" needs DistMuon\'s config fields: run through launch/train.py or pass '
             f"--job.custom_config_module {CONFIG_MODULE} (a custom config module must extend its JobConfig)"
         )
-    choices = _core_choices()
-    for name in ("lr", "weight_decay", "eps"):
-        _check_number(cfg, name, 0)
-    for name in ("beta1", "beta2", "momentum", "normuon_beta2"):
-        _check_number(cfg, name, 0, 1, high_open=True)
-    _check_number(cfg, "normuon_eps", 0)
-    _check_number(cfg, "adamw_lr", 0, optional=True)
-    _check_number(cfg, "adamw_weight_decay", 0, optional=True)
-    _check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
-    for name in ("nesterov", "compile_ns", "cuda_graph", "log_routing"):
-        _check_bool(cfg, name)
-    for name in ("matrix_algorithm", "adjust_lr", "owner_policy", "nonfinite_grad"):
-        _check_choice(cfg, name, choices[name])
-    _check_schedule(cfg, choices)
+    validate_fields(cfg)
+    check_number(cfg, "eps", 0)
+    for name in ("beta1", "beta2"):
+        check_number(cfg, name, 0, 1, high_open=True)
     if cfg.early_step_in_backward:
-        _fail("early_step_in_backward", "DistMuon steps all matrices together; it cannot step inside backward")
-    parse_rules(cfg.rules)
-
-
-def parse_rules(rules) -> list[tuple[str, dict]]:
-    """TOML/JSON rules -> ``dm.build_param_groups`` rules: [(regex, options), ...]."""
-    from dist_muon.routing import check_group_keys
-
-    if isinstance(rules, str):
-        try:
-            rules = json.loads(rules) if rules.strip() else []
-        except json.JSONDecodeError as e:
-            _fail("rules", f"not valid JSON: {e}")
-    if not isinstance(rules, list):
-        _fail("rules", f"expected a list of rules, got {rules!r}")
-    parsed = []
-    for i, rule in enumerate(rules):
-        pattern, options = _split_rule(i, rule)
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            _fail(f"rules[{i}].pattern", f"invalid regex {pattern!r}: {e}")
-        if "params" in options or "param_names" in options:
-            _fail(f"rules[{i}]", "a rule cannot set 'params' or 'param_names'")
-        try:
-            check_group_keys(options, f"[optimizer] rules[{i}] ({pattern!r})")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        parsed.append((pattern, options))
-    return parsed
-
-
-def _split_rule(i: int, rule) -> tuple[str, dict]:
-    if isinstance(rule, Mapping):
-        options = dict(rule)
-        pattern = options.pop("pattern", None)
-    elif isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[1], Mapping):
-        pattern, options = rule[0], dict(rule[1])
-    else:
-        _fail(f"rules[{i}]", f"expected {{pattern = REGEX, ...options}} or [REGEX, {{options}}], got {rule!r}")
-    if not isinstance(pattern, str):
-        _fail(f"rules[{i}].pattern", f"expected a regex string, got {pattern!r}")
-    return pattern, options
+        fail("early_step_in_backward", "DistMuon steps all matrices together; it cannot step inside backward")
 
 
 def distmuon_kwargs(cfg) -> dict[str, Any]:
     """Keyword arguments for ``dist_muon.DistMuon`` (everything but the param groups)."""
-    kwargs = dict(
-        lr=float(cfg.lr),
-        momentum=float(cfg.momentum),
-        nesterov=cfg.nesterov,
-        weight_decay=float(cfg.weight_decay),
-        ns_method=cfg.ns_method,
-        ns_steps=cfg.ns_steps,
-        ns_dtype=cfg.ns_dtype,
-        adjust_lr=None if cfg.adjust_lr == "none" else cfg.adjust_lr,
-        adamw_lr=None if cfg.adamw_lr is None else float(cfg.adamw_lr),
-        adamw_betas=(float(cfg.beta1), float(cfg.beta2)),
-        adamw_eps=float(cfg.eps),
-        adamw_weight_decay=None if cfg.adamw_weight_decay is None else float(cfg.adamw_weight_decay),
-        normuon_beta2=float(cfg.normuon_beta2),
-        normuon_eps=float(cfg.normuon_eps),
-        owner_policy=cfg.owner_policy,
-        nonfinite_grad=cfg.nonfinite_grad,
-        compile_ns=cfg.compile_ns,
-        cuda_graph=cfg.cuda_graph,
-    )
-    if cfg.bucket_bytes is not None:
-        kwargs["bucket_bytes"] = cfg.bucket_bytes
-    return kwargs
+    return _distmuon_kwargs(cfg, adamw_betas=(cfg.beta1, cfg.beta2), adamw_eps=cfg.eps)

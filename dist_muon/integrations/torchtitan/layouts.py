@@ -1,0 +1,3 @@
+"""(in progress)"""
+def check_parameter_layouts(part):
+    return None

@@ -1,0 +1,40 @@
+"""torchtitan 0.3.0: the Trainer our config registry builds.
+
+It is torchtitan's Trainer plus two things DistMuon users need: a checkpoint is checked against
+every DistMuon before anything is loaded (``resume.validate_before_loading``), and each logged step
+reports every param group's lr and what this rank's DistMuon did (NS FLOPs and time, traffic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchtitan.components.optimizer.utils import get_flat_optim_state_dict
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+from .reporting import group_lrs, step_stats
+from .resume import validate_before_loading
+
+
+class DistMuonTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        """torchtitan's Trainer.Config; ``optimizer`` is normally a ``DistMuonContainer.Config``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        validate_before_loading(self, current=_flat_state)
+
+    def train_step(self, data_iterator) -> None:
+        log = self.metrics_processor.should_log(self.step)
+        if log:  # torchtitan logs lrs per optimizer index; these name each DistMuon group's algorithm
+            logger.info(f"step {self.step:3d}  group lrs: {group_lrs(self.optimizers)}")
+        super().train_step(data_iterator)
+        if log and (stats := step_stats(self.optimizers)):
+            logger.info(f"step {self.step:3d}  DistMuon: {stats}")
+
+
+def _flat_state(part, optimizer) -> dict:
+    """The live state as torchtitan 0.3.0's CheckpointManager flattens it."""
+    return {"model": part.state_dict(), "optim": get_flat_optim_state_dict(optimizer)}
