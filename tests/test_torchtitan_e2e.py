@@ -156,27 +156,8 @@ def assert_muon_adamw_ratio(lrs: dict[int, list[str]], ratio: float) -> None:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_debug_cpu_trains_checkpoints_and_resumes(launcher, tmp_path):
-    """llama3 debugmodel, FSDP over 2 CPU ranks: 6 steps, checkpoints at 3 and 6, resume from 3."""
-    _, resumed = check_train_and_resume(launcher, tmp_path, DEBUG, 6, 3)
-    assert_muon_adamw_ratio(resumed, 0.02 / 0.004)
-
-    # Resuming with other param groups (the output head in a group of its own) stops before anything
-    # is loaded: torchtitan's dcp.load would write the tensors before DistMuon.load_state_dict objects.
-    regrouped = resume_copy(tmp_path / "full", tmp_path / "regrouped", 3)
-    rules = '[{"pattern": "^output", "algorithm": "adamw", "lr": 0.01}]'
-    args = train_args(DEBUG, regrouped, "--training.steps", "6", "--optimizer.rules", rules)
-    rc, out = run(launcher, torchrun("--standalone", "--nproc_per_node=2", *args), tmp_path, "regrouped")
-    assert rc != 0
-    assert "CheckpointError" in out and "nothing was loaded" in out, out[-4000:]
-    assert "output.weight: its param group holds" in out, out[-4000:]
-    assert "Training starts" not in out
-
-
-def test_debug_moe_cpu_trains_checkpoints_and_resumes(launcher, tmp_path):
-    """deepseek_v3 debugmodel (MoE) with expert parallel 2 on 2 CPU ranks: 4 steps, resume from 2."""
-    _, resumed = check_train_and_resume(launcher, tmp_path, DEBUG_MOE, 4, 2)
-    assert_muon_adamw_ratio(resumed, 0.02 / 0.004)
+# The debug configs' train -> checkpoint -> resume checks share the launches of
+# tests/test_torchtitan_resume.py (test_*_debug_config_trains_checkpoints_and_resumes there).
 
 
 def test_pipeline_stages_resume_with_their_own_lrs(launcher, tmp_path):

@@ -37,8 +37,8 @@ import torch
 
 from harness import Launcher
 from test_torchtitan_e2e import (
-    DEBUG, DEBUG_MOE, REPO, assert_checkpoints, group_lrs, launch_env, losses, lr_pairs, resume_copy,
-    torchrun, train_args,
+    DEBUG, DEBUG_MOE, LEARNS, REPO, assert_checkpoints, assert_muon_adamw_ratio, checkpoint_lrs, group_lrs,
+    launch_env, losses, lr_pairs, resume_copy, torchrun, train_args,
 )
 
 TINY = "debugmodel_2layers"
@@ -313,6 +313,9 @@ MOE = [("ep2", "ep1"), ("ep1", "ep2")]
 # schedule alone change step K + 1, which runs with the lr stored in the checkpoint.
 WRONG_FLAGS = ["--lr_scheduler.warmup_steps", "4", *CLIPPED]
 WRONG = "fsdp2_to_one_rank_wrong"
+# A resume with other param groups (the output head in a group of its own): must stop before loading.
+REGROUPED = "fsdp2_regrouped"
+REGROUPED_FLAGS = ["--optimizer.rules", '[{"pattern": "^output", "algorithm": "adamw", "lr": 0.01}]']
 
 
 def launch_transitions(plans) -> None:
@@ -341,7 +344,8 @@ def launch_transitions(plans) -> None:
 def all_runs(module_launcher, tmp_path_factory, repeated_document) -> dict[str, Runs]:
     runs = {"llama3": Runs(module_launcher, tmp_path_factory.mktemp("llama3"), repeated_document, DEBUG),
             "moe": Runs(module_launcher, tmp_path_factory.mktemp("moe"), repeated_document, DEBUG_MOE)}
-    launch_transitions([(runs["llama3"], LLAMA3, [(WRONG, "one_rank", WRONG_FLAGS, "fsdp2")]),
+    launch_transitions([(runs["llama3"], LLAMA3, [(WRONG, "one_rank", WRONG_FLAGS, "fsdp2"),
+                                                  (REGROUPED, "fsdp2", REGROUPED_FLAGS, "fsdp2")]),
                         (runs["moe"], MOE, [])])
     return runs
 
@@ -377,3 +381,37 @@ def test_a_wrong_resume_is_caught(llama3_runs):
 def test_moe_resumes_in_another_layout(moe_runs, source, target):
     """deepseek_v3 MoE debug model: experts on EP 2 <-> FSDP 2 without EP (ep1)."""
     check_resumed(moe_runs, source, f"{source}_to_{target}")
+
+
+# ----------------------------------------------------------------------------- the debug configs end to end
+# (these share the launches above: each torchrun job checks several things)
+
+
+def assert_trains_and_resumes(runs: Runs, source: str, resumed: str) -> None:
+    """The source run learns; the resumed run restarts at step K + 1 and every group keeps its own lr
+    (Muon ≠ AdamW) in the log and in the final checkpoint."""
+    loss = losses(runs.log(source))
+    assert min(loss[s] for s in (STEPS - 1, STEPS)) < loss[1] - LEARNS, f"{source}: loss did not decrease: {loss}"
+    assert_muon_adamw_ratio(group_lrs(runs.log(resumed)), 0.02 / 0.004)
+    final = checkpoint_lrs(runs.final(resumed))
+    assert final == pytest.approx(checkpoint_lrs(runs.final(source)), rel=1e-9)
+    assert len(set(final.values())) > 1, final
+
+
+def test_llama3_debug_config_trains_checkpoints_and_resumes(llama3_runs):
+    assert_trains_and_resumes(llama3_runs, "fsdp2", "fsdp2_to_one_rank")
+
+
+def test_moe_debug_config_trains_checkpoints_and_resumes(moe_runs):
+    """deepseek_v3 (MoE, EP 2): the same."""
+    assert_trains_and_resumes(moe_runs, "ep2", "ep2_to_ep1")
+
+
+def test_resume_with_other_param_groups_stops_before_loading(llama3_runs):
+    """torchtitan's dcp.load would write the tensors before DistMuon.load_state_dict objects; the
+    check in launch.train stops the job first, naming the parameter."""
+    rc, out = llama3_runs.results[REGROUPED]
+    assert rc != 0
+    assert "CheckpointError" in out and "nothing was loaded" in out, out[-4000:]
+    assert "output.weight: its param group holds" in out, out[-4000:]
+    assert "Training starts" not in out

@@ -64,10 +64,12 @@ def llama3_debug_cpu() -> DistMuonTrainer.Config:
 
 
 def moe_debug_cpu() -> DistMuonTrainer.Config:
-    """deepseek_v3 debugmodel (MoE: routed experts [E, M, N] orthogonalized per expert, MLA
-    attention), FSDP 2 with expert parallelism 2 on 2 CPU ranks."""
+    """deepseek_v3 debugmodel's first two layers (one dense, one MoE with 8 routed experts [E, M, N],
+    each orthogonalized as its own matrix; MLA attention), FSDP 2 with expert parallelism 2 on 2 CPU
+    ranks. Two layers, because MLA's wkv_b alone is ~23 GFLOP of Newton–Schulz per layer and step."""
     config = _with_dist_muon(deepseek_v3.deepseek_v3_debugmodel(),
                              DistMuonContainer.Config(lr=0.02, weight_decay=0.01, adamw_lr=0.004))
+    config.model_spec.model.layers = config.model_spec.model.layers[:2]
     return _on_cpu(config, dump_folder="./outputs/moe_debug_cpu", steps=6, local_batch_size=2,
                    parallelism=ParallelismConfig(data_parallel_shard_degree=2, expert_parallel_degree=2))
 
