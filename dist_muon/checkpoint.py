@@ -333,7 +333,7 @@ def verify_files(path: str, verify: str = "sizes") -> dict:
 
 def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[str]:
     """Compare each parameter's structural param-group values (algorithm, view options, the names of
-    the parameters sharing its group) with the checkpoint's.
+    the parameters sharing its group) with the checkpoint's (``saved_keys``: its DCP keys).
 
     Reads only these small non-tensor entries; nothing in the optimizer is touched. The group check
     matters because ``set_optimizer_state_dict`` takes a group's values from its first parameter's
@@ -341,18 +341,27 @@ def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[st
     ``DistMuon.load_state_dict`` after DCP had already written the tensors.
     """
     keys = ("param_names",) + STRUCTURAL_GROUP_KEYS
-    # Only entries the checkpoint has: torchtitan 0.3.0 saves no param_names, and a checkpoint older
-    # than a view key (interleave) lacks it (loaders fill it from the live group).
-    probe = {prefix + k: None for k in optim_sd
-             if k.startswith("param_groups.") and k.rsplit(".", 1)[1] in keys and prefix + k in saved_keys}
-    if not probe:
+
+    def structural(key: str) -> bool:
+        return key.startswith("param_groups.") and key.rsplit(".", 1)[1] in keys
+
+    def fqn_of(key: str) -> str:
+        return key[len("param_groups."):].rsplit(".", 1)[0]
+
+    mine = {fqn_of(k) for k in optim_sd if k.startswith("param_groups.")}
+    saved = {k[len(prefix):] for k in saved_keys if k.startswith(prefix) and structural(k[len(prefix):])}
+    # Entries the checkpoint has, of our parameters: torchtitan 0.3.0 saves no param_names, and a
+    # checkpoint older than a view key (interleave) lacks it (loaders fill it from the live group).
+    # A view key the checkpoint has and our group lacks (interleave is kept only when set) is unset now.
+    compared = sorted(k for k in saved if fqn_of(k) in mine and (k in optim_sd or k.rsplit(".", 1)[1] in VIEW_KEYS))
+    if not compared:
         return []
+    probe = {prefix + k: None for k in compared}
     dcp.load(probe, checkpoint_id=path)
-    mine = {k[len("param_groups."):].rsplit(".", 1)[0] for k in optim_sd if k.startswith("param_groups.")}
     problems = []
-    for key, theirs in sorted(probe.items()):
-        fqn, option = key[len(prefix + "param_groups."):].rsplit(".", 1)
-        ours = optim_sd[key[len(prefix):]]
+    for key in compared:
+        fqn, option = key[len("param_groups."):].rsplit(".", 1)
+        theirs, ours = probe[prefix + key], optim_sd.get(key)
         if _normal(theirs) == _normal(ours):
             continue
         if option == "algorithm":

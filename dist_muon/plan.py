@@ -1,8 +1,9 @@
 """Matrices → owners and buckets: a frozen plan, built once, identical on every rank.
 
-Every Muon matrix is a box in its parameter's global index space (``views``). Intersecting
-boxes with layouts (``layout``) gives the *pieces* each rank holds of each matrix; ranks holding
-identical index sets are replicas. The plan picks one owner per matrix among the ranks holding
+Every Muon matrix is a set of row blocks (boxes) in its parameter's global index space
+(``views``). Intersecting each block with the layout (``layout``) and placing the result at the
+block's rows in the stacked matrix gives the *pieces* each rank holds of each matrix; ranks
+holding identical index sets are replicas. The plan picks one owner per matrix among the ranks holding
 its pieces (balancing Newton–Schulz FLOPs), one sender per distinct piece and every holder as a
 receiver of the result, then cuts the work into buckets whose working memory (the stacked
 matrices, the NS iterates and Gram matrices) fits the budget. It is a pure function of its
@@ -24,7 +25,7 @@ import numpy as np
 from .layout import DimRuns, Layout, Run
 from .layout import dtensor_layout, layout_of, replicated_layout  # noqa: F401 - where they lived before layout.py
 from .numerics import NSKey
-from .views import MatrixView, lr_scale
+from .views import MatrixView, RowSet, lr_scale
 
 OWNER_POLICIES = ("balanced", "round_robin")
 
@@ -44,7 +45,8 @@ def slices_numel(s: Slices) -> int:
 
 @dataclass(frozen=True)
 class Block:
-    """A rectangular piece: ``local`` indexes a holder's local tensor, ``box`` the matrix's box."""
+    """A rectangular piece: ``local`` indexes a holder's local tensor, ``box`` the stacked matrix's box
+    (``RowSet.box_shape``)."""
 
     local: Slices
     box: Slices
@@ -103,7 +105,7 @@ class Matrix:
     param: int  # index into Plan.params
     index: int  # which matrix of the parameter's view
     shape: tuple[int, int]
-    region: tuple[tuple[int, int], ...]
+    row_set: RowSet  # where its rows are in the parameter; pieces index row_set.box_shape
     scale: float
     flops: int
     nbytes: int  # the matrix in the NS dtype
@@ -174,7 +176,7 @@ class _Found(NamedTuple):
     param: int
     index: int
     shape: tuple[int, int]
-    region: tuple[tuple[int, int], ...]
+    row_set: RowSet
     pieces: tuple[PieceSet, ...]
     flops: int
     eligible: tuple[int, ...]  # ranks holding a piece of it
@@ -200,6 +202,26 @@ def _piece_sets(layout: Layout, region) -> tuple[PieceSet, ...]:
         if blocks:
             sets.append(PieceSet(holders, blocks))
     return tuple(sets)
+
+
+def _shifted(block: Block, dim: int, offset: int) -> Block:
+    """``block`` with its box moved ``offset`` along ``dim`` (a row block's place in the stacked matrix)."""
+    if not offset:
+        return block
+    box = list(block.box)
+    a, b = box[dim]
+    box[dim] = (a + offset, b + offset)
+    return Block(block.local, tuple(box))
+
+
+def _matrix_pieces(layout: Layout, row_set: RowSet) -> tuple[PieceSet, ...]:
+    """Each row block intersected with the layout, its boxes placed at the block's rows in the
+    stacked matrix; one piece set per set of holders (a holder sends all its blocks of a matrix at once)."""
+    by_holders: dict[tuple[int, ...], list[Block]] = {}
+    for region, offset in zip(row_set.blocks, row_set.row_offsets):
+        for ps in _piece_sets(layout, region):
+            by_holders.setdefault(ps.holders, []).extend(_shifted(b, row_set.row_dim, offset) for b in ps.blocks)
+    return tuple(PieceSet(holders, tuple(blocks)) for holders, blocks in by_holders.items())
 
 
 def _choose_sender(pieces: PieceSet, owner: int, layout: Layout) -> int:
@@ -277,15 +299,15 @@ def build_plan(specs: Sequence[MatrixSpec], world: int, *, bucket_bytes: int, ow
     first: list[int] = []  # index of each spec's first matrix
     for pi, spec in enumerate(specs):
         first.append(len(found))
-        for mi, (region, shape) in enumerate(zip(spec.view.regions, spec.view.matrix_shapes)):
-            pieces = _piece_sets(spec.layout, region)
+        for mi, (row_set, shape) in enumerate(zip(spec.view.row_sets, spec.view.matrix_shapes)):
+            pieces = _matrix_pieces(spec.layout, row_set)
             eligible = tuple(sorted({h for ps in pieces for h in ps.holders}))
             if not eligible:
                 raise ValueError(f"{spec.name}: matrix {mi} is held by no rank; the layout {spec.layout.description} is inconsistent")
             local = {h: sum(b.numel for b in ps.blocks) for ps in pieces for h in ps.holders}
             companion_of = None if spec.companion_of is None else first[spec.companion_of] + mi
             flops = 0 if companion_of is not None else ns_flops(*shape, spec.ns_key.schedule.steps)
-            found.append(_Found(pi, mi, shape, region, pieces, flops, eligible, local, companion_of))
+            found.append(_Found(pi, mi, shape, row_set, pieces, flops, eligible, local, companion_of))
     main = [i for i, f in enumerate(found) if f.companion_of is None]
     assigned = _assign_owners([(found[i].flops, found[i].eligible, found[i].local) for i in main], world, owner_policy)
     owners = {i: assigned[k] for k, i in enumerate(main)}
@@ -296,7 +318,7 @@ def build_plan(specs: Sequence[MatrixSpec], world: int, *, bucket_bytes: int, ow
         itemsize = spec.ns_key.itemsize
         matrices.append(
             Matrix(
-                param=f.param, index=f.index, shape=f.shape, region=f.region, scale=lr_scale(*f.shape, spec.adjust_lr),
+                param=f.param, index=f.index, shape=f.shape, row_set=f.row_set, scale=lr_scale(*f.shape, spec.adjust_lr),
                 flops=f.flops, nbytes=f.shape[0] * f.shape[1] * itemsize, work_bytes=working_bytes(*f.shape, itemsize),
                 pieces=f.pieces, owner=owner, senders=tuple(_choose_sender(ps, owner, spec.layout) for ps in f.pieces),
                 companion_of=f.companion_of,
@@ -317,7 +339,7 @@ def plan_signature(specs: Sequence[MatrixSpec], world: int, bucket_bytes: int, o
 
 
 def spec_fingerprint(spec: MatrixSpec) -> tuple:
-    return (spec.name, spec.view.shape, spec.view.regions, spec.layout.description, spec.ns_key, spec.adjust_lr, spec.group,
+    return (spec.name, spec.view.shape, spec.view.row_sets, spec.layout.description, spec.ns_key, spec.adjust_lr, spec.group,
             spec.companion_of)
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .views import build_view, lr_scale
 
 ALGORITHMS = ("muon", "adamw", "muown", "normuon")
-VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "flatten")
+VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "interleave", "flatten")
 MATRIX_HYPERPARAMETERS = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
 ADAMW_HYPERPARAMETERS = ("betas", "eps")
 NORMUON_HYPERPARAMETERS = ("beta2",)  # and eps
@@ -21,7 +23,22 @@ GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETER
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _HEAD_NAMES = ("output", "lm_head")
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 Rule = tuple[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where ``build_param_groups`` sent a parameter, and why (the routing report's ``reason``)."""
+
+    algorithm: str
+    reason: str
+
+
+# Why each parameter got its algorithm, kept beside the groups: a reason is not a param-group key
+# (DistMuon would save it in every checkpoint). Keyed by identity, weakly: the parameters own them.
+_ROUTES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def canonical_fqn(name: str) -> str:
@@ -48,16 +65,54 @@ def _vocabulary_head(model: nn.Module) -> Optional[nn.Module]:
     return linears[-1] if linears and linears[-1].out_features in vocab_sizes else None
 
 
+def check_floating_point(name: str, param: torch.Tensor) -> None:
+    """Integer and bool tensors have no gradient step; refuse them by name instead of failing later."""
+    if not param.dtype.is_floating_point and not param.dtype.is_complex:
+        raise ValueError(f"{name}: dtype {param.dtype} is not a floating-point type; DistMuon optimizes "
+                         "floating-point parameters only (freeze it with requires_grad=False or leave it out)")
+
+
+def is_conv_weight(param: torch.Tensor, module: nn.Module) -> bool:
+    """The weight (not the bias) of a Conv1d/2d/3d or a subclass."""
+    return isinstance(module, _CONVS) and param is module.weight
+
+
+def is_depthwise_conv(param: torch.Tensor, module: nn.Module) -> bool:
+    """One input channel per group (``in_channels / groups == 1``): each filter sees one channel."""
+    return is_conv_weight(param, module) and param.shape[1] == 1
+
+
+def default_route(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module],
+                  matrix_algorithm: str = "muon") -> Route:
+    """Embeddings, the vocabulary head, non-matrices, depthwise convs and tagged parameters go to
+    AdamW; other matrices (conv weights flattened, see ``conv_view``) to ``matrix_algorithm``."""
+    if param.ndim < 2:
+        return Route("adamw", "ndim < 2")
+    if getattr(param, "skip_orthogonalization", False):
+        return Route("adamw", "skip_orthogonalization")
+    if isinstance(module, nn.Embedding):
+        return Route("adamw", "embedding")
+    if module is head or name.rpartition(".")[0].rpartition(".")[2] in _HEAD_NAMES:
+        return Route("adamw", "output head")
+    if is_depthwise_conv(param, module):
+        return Route("adamw", "depthwise conv")
+    if is_conv_weight(param, module):
+        return Route(matrix_algorithm, "conv (flattened)")
+    return Route(matrix_algorithm, "matrix")
+
+
 def default_algorithm(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module],
                       matrix_algorithm: str = "muon") -> str:
-    """Embeddings, the vocabulary head, non-matrices and tagged parameters go to AdamW; other
-    matrices to ``matrix_algorithm``."""
-    if param.ndim < 2 or getattr(param, "skip_orthogonalization", False):
-        return "adamw"
-    if isinstance(module, nn.Embedding) or module is head:
-        return "adamw"
-    module_name = name.rpartition(".")[0]
-    return "adamw" if module_name.rpartition(".")[2] in _HEAD_NAMES else matrix_algorithm
+    return default_route(name, param, module, head, matrix_algorithm).algorithm
+
+
+def conv_view(param: torch.Tensor, module: nn.Module, options: Mapping[str, Any]) -> dict:
+    """A conv weight is one ``[out, in/groups · prod(kernel)]`` matrix (Keller Jordan's rule), never
+    a stack of per-channel matrices: 3D (Conv1d) weights need ``flatten`` for that (4D/5D always
+    flatten). Nothing when the options already give a view."""
+    if is_conv_weight(param, module) and param.ndim == 3 and not any(options.get(k) not in (None, False) for k in VIEW_KEYS):
+        return {"flatten": True}
+    return {}
 
 
 def _owning_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -69,11 +124,29 @@ def _owning_modules(model: nn.Module) -> dict[int, nn.Module]:
     return owners
 
 
-def _match_rule(name: str, rules: Sequence[Rule]) -> Mapping[str, Any]:
-    for pattern, options in rules:
+def _match_rule(name: str, rules: Sequence[Rule]) -> tuple[Optional[int], Mapping[str, Any]]:
+    """(index, options) of the first rule matching ``name``; (None, {}) when none does."""
+    for i, (pattern, options) in enumerate(rules):
         if re.search(pattern, name):
-            return options
-    return {}
+            return i, options
+    return None, {}
+
+
+def _route(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.Module], matrix_algorithm: str,
+           rules: Sequence[Rule], overrides: Mapping[str, Any]) -> tuple[dict, Route]:
+    """A parameter's group options and route: a rule's algorithm wins, then the overrides', then the default."""
+    rule_index, rule = _match_rule(name, rules)
+    options = {**overrides, **rule}
+    if "algorithm" in rule:
+        route = Route(rule["algorithm"], f"rules[{rule_index}]")
+    elif "algorithm" in overrides:
+        route = Route(overrides["algorithm"], "overrides")
+    else:
+        route = default_route(name, param, module, head, matrix_algorithm)
+    options["algorithm"] = route.algorithm
+    if route.algorithm == "adamw":
+        return {k: v for k, v in options.items() if k not in VIEW_KEYS}, route
+    return {**options, **conv_view(param, module, options)}, route
 
 
 def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), matrix_algorithm: str = "muon",
@@ -82,8 +155,10 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), matrix_a
 
     ``rules`` are ``(regex, options)`` pairs matched with ``re.search`` against the canonical
     FQN, first match wins; options may set ``algorithm``, view options and hyperparameters.
-    Matrices no rule routes get ``matrix_algorithm`` ("muon", "normuon" or "muown").
+    Matrices no rule routes get ``matrix_algorithm`` ("muon", "normuon" or "muown"); conv weights
+    are viewed as one flattened matrix each, depthwise convs go to AdamW.
     ``overrides`` are hyperparameters set on every group (a rule's own value wins).
+    Why each parameter went where it did is kept for ``routing_report``.
     Parameters with identical options share a group; group order follows parameter order.
     """
     for i, rule in enumerate(rules):
@@ -108,10 +183,9 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), matrix_a
         if not param.requires_grad:
             continue
         name = canonical_fqn(raw_name)
-        options = {**overrides, **_match_rule(name, rules)}
-        options.setdefault("algorithm", default_algorithm(name, param, owners[id(param)], head, matrix_algorithm))
-        if options["algorithm"] == "adamw":
-            options = {k: v for k, v in options.items() if k not in VIEW_KEYS}
+        check_floating_point(name, param)
+        options, route = _route(name, param, owners[id(param)], head, matrix_algorithm, rules, overrides)
+        _ROUTES[param] = route
         key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
         group = groups.setdefault(key, {"params": [], "param_names": [], **options})
         group["params"].append(param)
@@ -125,15 +199,23 @@ def _hashable(value):
     return value if isinstance(value, (int, float, str, bool, type(None), torch.dtype)) else repr(value)
 
 
+def routing_reason(param: torch.Tensor, algorithm: str) -> str:
+    """Why ``param`` has ``algorithm``: what ``build_param_groups`` decided, or "param group" when the
+    groups were written (or the algorithm changed) by hand."""
+    route = _ROUTES.get(param)
+    return route.reason if route is not None and route.algorithm == algorithm else "param group"
+
+
 def routing_rows(groups: Iterable[Mapping[str, Any]], default_adjust_lr: Optional[str] = "original") -> list[dict]:
-    """One row per parameter: FQN, shape, algorithm, matrices and lr scale."""
+    """One row per parameter: FQN, shape, algorithm, the reason for it, matrices and lr scale."""
     rows = []
     for gi, group in enumerate(groups):
         names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
         algorithm = group.get("algorithm", "muon")
         for name, p in zip(names, group["params"]):
             shape = tuple(p.shape)
-            row = {"fqn": name, "shape": shape, "algorithm": algorithm, "matrices": "-", "lr_scale": "-"}
+            row = {"fqn": name, "shape": shape, "algorithm": algorithm, "reason": routing_reason(p, algorithm),
+                   "matrices": "-", "lr_scale": "-"}
             if algorithm != "adamw":
                 view = build_view(shape, name=name, **{k: group[k] for k in VIEW_KEYS if group.get(k) is not None})
                 adjust = group.get("adjust_lr", default_adjust_lr)
@@ -148,7 +230,8 @@ def routing_report(groups_or_optimizer, default_adjust_lr: Optional[str] = "orig
     """A readable table of where every parameter goes; print it before launching."""
     groups = getattr(groups_or_optimizer, "param_groups", groups_or_optimizer)
     rows = routing_rows(groups, default_adjust_lr)
-    header = {"fqn": "parameter", "shape": "shape", "algorithm": "algorithm", "matrices": "matrices", "lr_scale": "lr scale"}
+    header = {"fqn": "parameter", "shape": "shape", "algorithm": "algorithm", "reason": "reason", "matrices": "matrices",
+              "lr_scale": "lr scale"}
     table = [header] + [{k: str(v) for k, v in r.items()} for r in rows]
     widths = {k: max(len(str(r[k])) for r in table) for k in header}
     lines = ["  ".join(str(r[k]).ljust(widths[k]) for k in header).rstrip() for r in table]

@@ -260,7 +260,7 @@ def bucket_schedule(plan: Plan, b: int, rank: int, rows_of: Optional[dict[int, i
     def box(piece: _Piece, base: int) -> Window:
         m = plan.matrices[piece.matrix]
         at = where[piece.matrix] if m.companion_of is not None else base + where[piece.matrix]
-        return window(SLOT, at, slices_shape(m.region), piece.block.box)
+        return window(SLOT, at, m.row_set.box_shape, piece.block.box)
 
     def local(kind: str, piece: _Piece) -> Window:
         shape = plan.params[piece.param].layout.local_shape(rank)

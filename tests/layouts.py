@@ -47,11 +47,13 @@ def fsdp_entries(world: int, seed: int = 1) -> list[Entry]:
     shapes = {
         "dense": (12, 16), "odd": (6, 10), "tiny": (3, 8), "qkv": (20, 16), "fused_experts": (18, 8),
         "heads": (12, 8), "experts3d": (4, 6, 8), "conv": (6, 2, 3, 3), "norm": (16,), "muown": (10, 12),
-        "muown_experts": (2, 5, 6), "tall": (14, 5),
+        "muown_experts": (2, 5, 6), "tall": (14, 5), "wqkv_interleaved": (27, 8), "conv1d": (6, 4, 3),
     }
     options = {
         "qkv": {"split_sizes": (12, 4, 4)}, "fused_experts": {"num_experts": 3}, "heads": {"num_heads": 3},
         "norm": {"algorithm": "adamw"}, "muown": {"algorithm": "muown"}, "muown_experts": {"algorithm": "muown"},
+        # 3 KV groups of (q, k, v) head_dim-3 rows: shards of 27 rows cut through blocks at W=2 and 4.
+        "wqkv_interleaved": {"split_sizes": (3, 3, 3), "interleave": 3}, "conv1d": {"flatten": True},
     }
     module = nn.Module()
     fulls = _fill_module(module, seed, shapes)
@@ -71,29 +73,32 @@ def hsdp_entries(world: int, seed: int = 100) -> list[Entry]:
 
 
 _TP_PLAN = {"up": ColwiseParallel(), "down": RowwiseParallel(), "qkv": ColwiseParallel(),
-            "gate": ColwiseParallel(), "proj": RowwiseParallel(), "muown_up": ColwiseParallel()}
+            "gate": ColwiseParallel(), "proj": RowwiseParallel(), "muown_up": ColwiseParallel(),
+            "wqkv": ColwiseParallel()}
 
 
 class _TPBlock(nn.Module):
     def __init__(self, seed: int):
         super().__init__()
         shapes = {"up": (10, 12), "down": (12, 10), "qkv": (10, 16), "gate": (10, 12), "proj": (12, 10),
-                  "muown_up": (10, 12)}
+                  "muown_up": (10, 12), "wqkv": (10, 12)}
         for i, (name, (fan_in, fan_out)) in enumerate(shapes.items()):
             setattr(self, name, nn.Linear(fan_in, fan_out, bias=False))
             getattr(self, name).weight.data.copy_(seeded((fan_out, fan_in), seed + i))
 
 
 def tp_entries(world: int, seed: int = 200) -> list[Entry]:
-    """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, a colwise fused QKV, and
-    AdamW / Muown parameters on both (Muown's row norms span the TP-sharded dim for rowwise)."""
+    """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, a colwise fused QKV (plain
+    and interleaved: TP holds whole KV groups, FSDP cuts each in the middle of K), and AdamW / Muown parameters
+    on both (Muown's row norms span the TP-sharded dim for rowwise)."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     block = _TPBlock(seed)
     fulls = {n: p.detach().clone() for n, p in block.named_parameters()}
     parallelize_module(block, mesh["tp"], _TP_PLAN)
     fully_shard(block, mesh=mesh["dp"])
     options = {"qkv.weight": {"split_sizes": (8, 4, 4)}, "gate.weight": {"algorithm": "adamw"},
-               "proj.weight": {"algorithm": "muown"}, "muown_up.weight": {"algorithm": "muown"}}
+               "proj.weight": {"algorithm": "muown"}, "muown_up.weight": {"algorithm": "muown"},
+               "wqkv.weight": {"split_sizes": (2, 2, 2), "interleave": 2}}
     return [Entry(f"tp.{n}", p, fulls[n], options.get(n, {})) for n, p in block.named_parameters()]
 
 
@@ -106,6 +111,8 @@ def ep_entries(world: int, seed: int = 300) -> list[Entry]:
         "experts_cols_ep_replicated": ((2, 8, 6), [Shard(2), Replicate()], {}),
         "experts_muown_cols": ((2, 6, 8), [Shard(2), Shard(0)], {"algorithm": "muown"}),
         "experts_adamw": ((4, 6, 8), [Shard(1), Shard(0)], {"algorithm": "adamw"}),
+        # rows of each expert: 3 repeats of (1, 2); efsdp cuts 9 rows at 5, inside the second repeat's block of 2
+        "experts_interleaved": ((2, 9, 8), [Shard(1), Shard(0)], {"split_sizes": (1, 2), "interleave": 3}),
     }
     out = []
     for i, (name, (shape, placements, options)) in enumerate(cases.items()):

@@ -9,10 +9,14 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
-from ..routing import ALGORITHMS, VIEW_KEYS, check_group_keys
+from ..routing import ALGORITHMS, VIEW_KEYS, check_floating_point, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
 
 MATRIX_ALGORITHMS = ("muon", "muown", "normuon")
+# View keys every matrix group carries, so every checkpoint has them. Keys added later (interleave)
+# are in a group only when set: DCP refuses to load a key a checkpoint lacks, so checkpoints written
+# before such a key existed still load (an absent view option means "not set").
+ALWAYS_SAVED_VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "flatten")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
@@ -107,7 +111,10 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
             out.setdefault("beta2", defaults["normuon_beta2"])
             out.setdefault("eps", defaults["normuon_eps"])
         for key in VIEW_KEYS:
-            out.setdefault(key, False if key == "flatten" else None)
+            if key in ALWAYS_SAVED_VIEW_KEYS:
+                out.setdefault(key, False if key == "flatten" else None)
+            elif out.get(key) is None:
+                out.pop(key, None)
     validate_hyperparameters(out, label)
     for i, p in enumerate(out["params"]):
         name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
@@ -115,6 +122,7 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
             raise TypeError(f"{name}: expected a Tensor, got {type(p).__name__}")
         if p.is_complex():
             raise ValueError(f"{name}: complex parameters are not supported by DistMuon")
+        check_floating_point(name, p)
         if algorithm in MATRIX_ALGORITHMS:
             view_of(out, p, name)
     return out
@@ -151,7 +159,8 @@ def validate_hyperparameters(group: dict, label: str) -> None:
 
 
 def view_of(group: Mapping[str, Any], param: torch.Tensor, name: str) -> MatrixView:
-    options = {k: group[k] for k in VIEW_KEYS if group.get(k) not in (None, False)}
+    # Only None means "not set": a 0 (or False) given for a count is refused by build_view, not ignored.
+    options = {k: group[k] for k in VIEW_KEYS if group.get(k) is not None}
     if "split_sizes" in options:
         options["split_sizes"] = tuple(options["split_sizes"])
     return build_view(tuple(param.shape), name=name, **options)
