@@ -15,6 +15,8 @@ downloads); the others are the real model sizes for GPUs.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import ParallelismConfig, TrainingConfig
@@ -31,7 +33,12 @@ ASSETS = "assets"  # relative to the repository root, like the 0.2.2 TOML config
 
 
 def _with_dist_muon(stock: Trainer.Config, optimizer: DistMuonContainer.Config) -> DistMuonTrainer.Config:
-    return derive(stock, DistMuonTrainer.Config, optimizer=optimizer)
+    config = derive(stock, DistMuonTrainer.Config, optimizer=optimizer)
+    # Parameters are DTensors under "full_dtensor", so DistMuon reads every layout from placements.
+    # torchtitan's default, "spmd_types", keeps plain local shards (FSDP2 of torch 2.14 turns them into
+    # DTensors; torchtitan with torch 2.13 refuses them on > 1 rank): see layouts.py.
+    config.parallelism.spmd_backend = "full_dtensor"
+    return config
 
 
 def _on_cpu(config: DistMuonTrainer.Config, *, dump_folder: str, steps: int, parallelism: ParallelismConfig,
@@ -42,7 +49,7 @@ def _on_cpu(config: DistMuonTrainer.Config, *, dump_folder: str, steps: int, par
     config.dataloader = HuggingFaceTextDataLoader.Config(dataset="c4_test", dataset_path=f"{ASSETS}/c4_tiny")
     config.training = TrainingConfig(local_batch_size=local_batch_size, seq_len=128, steps=steps, max_norm=1.0,
                                      mixed_precision_param="float32", disable_cuda_graphs=True)
-    config.parallelism = parallelism
+    config.parallelism = dataclasses.replace(parallelism, spmd_backend="full_dtensor")
     config.checkpoint = CheckpointManager.Config(enable=True, interval=5, last_save_model_only=False)
     config.activation_checkpoint = None  # none: nothing to save on these sizes
     config.metrics = MetricsProcessor.Config(log_freq=1)

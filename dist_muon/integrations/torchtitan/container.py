@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import init_optim_state, load_flat_optim_state_dict
+from torchtitan.distributed.utils import get_spmd_backend
 from torchtitan.tools.logging import logger
 
 import dist_muon as dm
@@ -66,7 +67,7 @@ class DistMuonContainer(OptimizersContainer):
         self.optimizers = []
         all_params = []
         for part in model_parts:
-            check_parameter_layouts(part)
+            check_parameter_layouts(part, get_spmd_backend())
             groups = param_groups(part, rules=rules, matrix_algorithm=config.matrix_algorithm,
                                   attention_view=config.attention_view)
             if config.log_routing and _is_rank0():
