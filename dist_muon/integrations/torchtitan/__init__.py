@@ -10,27 +10,37 @@
 --experimental.custom_import dist_muon.integrations.torchtitan.autoregister``.
 """
 
-from .builder import (
-    DistMuonOptimizersContainer,
-    PerGroupLRSchedulersContainer,
-    build_dist_muon_optimizers,
-)
-from .config import NAME, ConfigError, DistMuonOptimizer, distmuon_kwargs, parse_rules, validate
-from .train_spec import DistMuonTrainer, add_config_module, register, register_all, with_dist_muon
+from .version import require_supported
 
-__all__ = [
-    "NAME",
-    "ConfigError",
-    "DistMuonOptimizer",
-    "DistMuonOptimizersContainer",
-    "DistMuonTrainer",
-    "PerGroupLRSchedulersContainer",
-    "add_config_module",
-    "build_dist_muon_optimizers",
-    "distmuon_kwargs",
-    "parse_rules",
-    "register",
-    "register_all",
-    "validate",
-    "with_dist_muon",
-]
+VERSION = require_supported()
+
+# The modules below use torchtitan 0.2.x's API; under 0.3.x this package exposes only VERSION
+# (so that ``dist_muon.integrations.torchtitan.version`` imports with either release).
+if VERSION[:2] == (0, 2):
+    from .builder import (  # noqa: E402
+        DistMuonOptimizersContainer,
+        PerGroupLRSchedulersContainer,
+        build_dist_muon_optimizers,
+    )
+    from .config import NAME, ConfigError, DistMuonOptimizer, distmuon_kwargs, parse_rules, validate  # noqa: E402
+    from .train_spec import DistMuonTrainer, add_config_module, register, register_all, with_dist_muon  # noqa: E402
+
+    __all__ = [
+        "NAME",
+        "VERSION",
+        "ConfigError",
+        "DistMuonOptimizer",
+        "DistMuonOptimizersContainer",
+        "DistMuonTrainer",
+        "PerGroupLRSchedulersContainer",
+        "add_config_module",
+        "build_dist_muon_optimizers",
+        "distmuon_kwargs",
+        "parse_rules",
+        "register",
+        "register_all",
+        "validate",
+        "with_dist_muon",
+    ]
+else:
+    __all__ = ["VERSION"]
