@@ -257,3 +257,46 @@ def test_override_leaves_our_own_config_alone():
     before = config.optimizer
     apply_overrides(OverrideConfig(imports=[OVERRIDE]), config)
     assert config.optimizer is before and isinstance(before, OptimizersContainer.Config)
+
+
+def test_spmd_types_on_several_ranks_is_refused_at_parse_time(monkeypatch, capsys):
+    """torch 2.13's FSDP2 cannot shard spmd_types' plain parameters: say what to use, before any
+    process group (torchtitan itself would fail later with "Got plain tensor for parameter 'weight'")."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 14):
+        pytest.skip("torch >= 2.14 shards spmd_types parameters")
+    # tyro reports the ConfigError raised in the config's __post_init__ itself (exit 2) or lets it
+    # propagate, depending on where in its construction it is raised: either way before any process group.
+    with pytest.raises((dm_titan.ConfigError, SystemExit)) as raised:
+        parse("--parallelism.spmd_backend", "spmd_types")
+    message = " ".join((str(raised.value) + capsys.readouterr().err).replace("│", " ").split())
+    assert "[parallelism] spmd_backend: 'spmd_types'" in message and "full_dtensor" in message, message
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse("--parallelism.spmd_backend", "spmd_types").parallelism.spmd_backend == "spmd_types"
+
+
+class _Axis:
+    """Stands in for spmd_types' MeshAxis (only its size matters here)."""
+
+    def __init__(self, name, size):
+        self.name, self._size = name, size
+
+    def size(self):
+        return self._size
+
+    def __str__(self):
+        return self.name
+
+
+def test_a_plain_spmd_types_shard_is_refused_naming_it():
+    """A plain parameter spmd_types marks Varying (a shard) on a mesh axis of size > 1 is not the whole
+    matrix: the container refuses it (Replicate / Invariant, or size-1 axes, are fine)."""
+    from dist_muon.integrations.torchtitan.layouts import check_parameter_layouts
+    from spmd_types.types import I, R, V
+
+    model = nn.Sequential(nn.Linear(4, 8, bias=False))
+    model[0].weight._local_type = {_Axis("tp", 2): R, _Axis("dp", 1): V, _Axis("ep", 4): I}
+    check_parameter_layouts(model)
+    model[0].weight._local_type = {_Axis("tp", 2): V}
+    with pytest.raises(ValueError, match=r"0\.weight: a plain local tensor .* \['tp'\] .*full_dtensor"):
+        check_parameter_layouts(model)

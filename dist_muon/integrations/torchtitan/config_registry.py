@@ -33,12 +33,11 @@ ASSETS = "assets"  # relative to the repository root, like the 0.2.2 TOML config
 
 
 def _with_dist_muon(stock: Trainer.Config, optimizer: DistMuonContainer.Config) -> DistMuonTrainer.Config:
-    config = derive(stock, DistMuonTrainer.Config, optimizer=optimizer)
     # Parameters are DTensors under "full_dtensor", so DistMuon reads every layout from placements.
     # torchtitan's default, "spmd_types", keeps plain local shards (FSDP2 of torch 2.14 turns them into
     # DTensors; torchtitan with torch 2.13 refuses them on > 1 rank): see layouts.py.
-    config.parallelism.spmd_backend = "full_dtensor"
-    return config
+    stock.parallelism.spmd_backend = "full_dtensor"
+    return derive(stock, DistMuonTrainer.Config, optimizer=optimizer)
 
 
 def _on_cpu(config: DistMuonTrainer.Config, *, dump_folder: str, steps: int, parallelism: ParallelismConfig,

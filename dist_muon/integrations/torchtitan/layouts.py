@@ -51,3 +51,28 @@ def check_parameter_layouts(part: nn.Module, backend: str = "spmd_types") -> Non
                 "DistMuon reads layouts from DTensor placements and would take this shard for the whole matrix. "
                 "Use --parallelism.spmd_backend full_dtensor (or partial_dtensor), whose parameters are DTensors."
             )
+
+
+def check_backend(spmd_backend: str, world_size: int) -> None:
+    """At parse time: the spmd_types backend on more than one rank needs torch >= 2.14.
+
+    torch 2.13's FSDP2 takes only DTensor parameters on an SPMD mesh, so torchtitan fails while
+    building the model ("all parameters must be DTensors on the full SPMD mesh ... Got plain tensor
+    for parameter 'weight'"); say which setting to change before any process group exists.
+    """
+    import torch
+
+    from .options import ConfigError
+
+    if spmd_backend == "spmd_types" and world_size > 1 and _torch_version() < (2, 14):
+        raise ConfigError(
+            f"[parallelism] spmd_backend: 'spmd_types' keeps parameters as plain local shards, which FSDP2 of "
+            f"torch {torch.__version__} cannot shard on {world_size} ranks (torch >= 2.14 can); use "
+            "--parallelism.spmd_backend full_dtensor (or partial_dtensor)")
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch
+
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)

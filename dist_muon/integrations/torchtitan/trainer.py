@@ -7,12 +7,14 @@ reports every param group's lr and what this rank's DistMuon did (NS FLOPs and t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from torchtitan.components.optimizer.utils import get_flat_optim_state_dict
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from .layouts import check_backend
 from .reporting import group_lrs, step_stats
 from .resume import validate_before_loading
 
@@ -21,6 +23,10 @@ class DistMuonTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         """torchtitan's Trainer.Config; ``optimizer`` is normally a ``DistMuonContainer.Config``."""
+
+        def __post_init__(self) -> None:
+            Trainer.Config.__post_init__(self)  # (zero-argument super() fails in a slots dataclass)
+            check_backend(self.parallelism.spmd_backend, int(os.environ.get("WORLD_SIZE", "1")))
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
