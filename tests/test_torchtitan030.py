@@ -88,6 +88,9 @@ TRANSITIONS = [("fsdp2", "one_rank"), ("fsdp2", "tp2"), ("ep2", "ep1")]
 # experts then differ by ~6e-4 after the resumed steps (router and norms, fed by the experts: ~2e-5).
 # A resume that loses or misplaces state differs by O(1): see test_torchtitan_resume.py's wrong resume.
 STATE_RTOL = {("ep2", "ep1"): 2e-3}
+# A resume whose routing differs (attention.wo to AdamW): refused before anything is loaded.
+REROUTED = "fsdp2_rerouted"
+REROUTED_FLAGS = ["--optimizer.rules", '[{"pattern": "attention\\\\.wo", "algorithm": "adamw"}]']
 
 
 class Runs:
@@ -99,7 +102,7 @@ class Runs:
         self.data, self.seq_len = data
         self.results: dict[str, tuple[int, str]] = {}
 
-    def start(self, name: str, layout: str, resume_from: str | None = None):
+    def start(self, name: str, layout: str, resume_from: str | None = None, *more: str):
         ranks, config, flags, _ = LAYOUTS[layout]
         dump = self.tmp_path / name
         extra = []
@@ -113,7 +116,7 @@ class Runs:
                 "--comm.train_timeout_seconds", t, "--dataloader.dataset_path", str(self.data),
                 "--training.seq_len", str(self.seq_len), "--training.local_batch_size", str(BATCH),
                 "--training.steps", str(STEPS), "--checkpoint.interval", str(K),
-                "--optimizer.ns_dtype", "float32", "--training.max_norm", "1000", *flags, *extra]
+                "--optimizer.ns_dtype", "float32", "--training.max_norm", "1000", *flags, *extra, *more]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
         return self.launcher.start(cmd, self.tmp_path / f"{name}.log", env=self.env, name=name)
 
@@ -148,6 +151,8 @@ def runs(module_launcher, env030, tmp_path_factory, repeated_document) -> Runs:
     runs.run({s: runs.start(s, s) for s in sources})
     targets = {f"{s}_to_{t}": runs.start(f"{s}_to_{t}", t, resume_from=s) for s, t in TRANSITIONS
                if runs.results[s][0] == 0}
+    if runs.results["fsdp2"][0] == 0:
+        targets[REROUTED] = runs.start(REROUTED, "fsdp2", "fsdp2", *REROUTED_FLAGS)
     runs.run(targets)
     return runs
 
@@ -182,3 +187,13 @@ def logged_loss(log: str, layout: str) -> dict[int, float]:
     """step -> loss; torchtitan 0.3.0's full_dtensor logs dp × the loss (its all-reduce SUM of an
     already reduced loss: a run on 1 rank logs 8.3 at step 1, the same on 2 FSDP ranks 16.3)."""
     return {s: v / DP[layout] for s, v in losses(log).items()}
+
+
+def test_a_resume_with_other_routing_stops_before_loading(runs):
+    """0.3.0's CheckpointManager would let dcp.load write the live state in place first; DistMuonTrainer
+    checks the checkpoint's metadata before, naming the parameter and both algorithms."""
+    rc, out = runs.results[REROUTED]
+    assert rc != 0
+    assert "CheckpointError" in out and "nothing was loaded" in out, out[-4000:]
+    assert "layers.0.attention.wo.weight: routed to 'muon' in the checkpoint" in out, out[-4000:]
+    assert "Training starts" not in out

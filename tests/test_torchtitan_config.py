@@ -368,3 +368,14 @@ def test_autoregister_wraps_every_shipped_model():
         spec = get_train_spec(name)
         assert getattr(spec.build_optimizers_fn, "dist_muon_wrapped", False), name
         assert getattr(spec.build_lr_schedulers_fn, "dist_muon_wrapped", False), name
+
+
+@pytest.mark.parametrize("installed", ["0.1.0", "0.4.0", "1.0"])
+def test_an_unsupported_torchtitan_names_the_supported_ones(monkeypatch, installed):
+    import importlib.metadata
+
+    from dist_muon.integrations.torchtitan import version
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    with pytest.raises(ImportError, match=rf"torchtitan {re.escape(installed)}.* not supported.*0\.2\.2 and 0\.3\.0"):
+        version.require_supported()
