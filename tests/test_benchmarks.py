@@ -63,7 +63,7 @@ def test_benchmark_smoke(launcher, tmp_path):
 
 def test_builtin_distmuon_probes_smoke(launcher, tmp_path):
     """benchmarks/builtin_distmuon.py's feature probes on 2 CPU ranks in the torchtitan 0.3.0 environment
-    (~10 s): ours exact on every row, every built-in outcome recorded, and its device check bypassed so that its
+    (~15 s): ours exact on every row, every built-in outcome recorded, and its device check bypassed so that its
     layout validation runs. Asserts the harness, not the built-in's feature set beyond what the bypass keys on."""
     if not os.environ.get("DIST_MUON_TT030_ENV") and not os.path.exists(
             os.path.join(REPO, "launch", "torchtitan030_env.py")):
