@@ -171,17 +171,10 @@ def build_dtensor_muon(params, names, s: Settings, *, foreach: bool = False):
 
 
 def build_torchtitan_muon(params, names, s: Settings):
-    if s.device != "cuda":
-        raise Unavailable("torchtitan's DistMuon (torchtitan >= 0.3) is GPU-only (NCCL, CUDA kernels); "
-                          "run on a CUDA machine to measure it")
-    try:
-        from torchtitan.components.optimizer import DistMuon  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError as e:
-        import torchtitan
-
-        raise Unavailable(f"torchtitan {getattr(torchtitan, '__version__', '?')} has no DistMuon ({e}); "
-                          "pip install -c constraints.txt 'torchtitan>=0.3'")
-    raise Unavailable("torchtitan DistMuon adapter not wired yet (API to be confirmed on a GPU machine)")
+    # It lives in torchtitan 0.3.0 (torchtitan.distributed.flex_shard), which cannot share this interpreter with
+    # the 0.2.2 that the rest of the harness uses; it needs per-FQN ComputeLayouts and one CUDA device per process.
+    raise Unavailable("torchtitan 0.3.0's built-in DistMuon is CUDA only and needs its own environment: "
+                      "`torchrun -m benchmarks.builtin_distmuon` probes and times it (docs/benchmarks.md)")
 
 
 # name -> (builder, note). Order is the order of the JSON and the tables.
@@ -193,7 +186,7 @@ DISTRIBUTED = {
                                          "(its non-Triton NS loop on CPU)"),
     "dtensor_muon_foreach": (functools.partial(build_dtensor_muon, foreach=True),
                              "PyPI dtensor-muon MuonForeach: stack by shape, Shard(0) the stack, NS, redistribute"),
-    "torchtitan_muon": (build_torchtitan_muon, "torchtitan DistMuon (GPU only)"),
+    "torchtitan_muon": (build_torchtitan_muon, "torchtitan 0.3.0 DistMuon: benchmarks/builtin_distmuon.py"),
     "adamw": (build_adamw, "torch.optim.AdamW on local shards: the floor"),
 }
 

@@ -6,9 +6,12 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
-from harness import COLLECTIVE_TIMEOUT, TEST_TIMEOUT
+from harness import COLLECTIVE_TIMEOUT, TEST_TIMEOUT, free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_smoke(launcher, tmp_path):
@@ -56,3 +59,39 @@ def test_benchmark_smoke(launcher, tmp_path):
 
     assert 1.0 <= data["imbalance"] < 1.5
     assert 0 < data["extra_mem_bytes"] <= data["bucket_bytes"] + data["largest_matrix_bytes"]
+
+
+def test_builtin_distmuon_probes_smoke(launcher, tmp_path):
+    """benchmarks/builtin_distmuon.py's feature probes on 2 CPU ranks in the torchtitan 0.3.0 environment
+    (~15 s): ours exact on every row, every built-in outcome recorded, and its device check bypassed so that its
+    layout validation runs. Asserts the harness, not the built-in's feature set beyond what the bypass keys on."""
+    if not os.environ.get("DIST_MUON_TT030_ENV") and not os.path.exists(
+            os.path.join(REPO, "launch", "torchtitan030_env.py")):
+        pytest.skip("no torchtitan 0.3.0 environment: set DIST_MUON_TT030_ENV to a `pip install --no-deps --target` "
+                    "directory of torchtitan 0.3.0 (or add launch/torchtitan030_env.py)")
+    out = tmp_path / "builtin.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "benchmarks.builtin_distmuon", "--no-bench",
+           "--json", str(out), "--collective-timeout", str(COLLECTIVE_TIMEOUT)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rc, log = launcher.start(cmd, tmp_path / "builtin.log", env=env, name="builtin_distmuon").wait()
+    assert rc == 0, log[-6000:]
+    data = json.loads(out.read_text())
+    assert data["torchtitan"].startswith("0.3."), data["torchtitan"]
+
+    ran = [r for r in data["probes"] if "skipped" not in r]
+    assert len(ran) >= 10, [r["key"] for r in data["probes"]]
+    for row in ran:
+        # ours: one step equals the fp64 reference on every layout
+        assert row["ours"]["status"] == "exact", (row["key"], row["ours"])
+        assert row["ours"]["max_rel_error"] <= 1e-5, (row["key"], row["ours"])
+        assert row["builtin"]["status"] in ("constructed", "refused"), (row["key"], row["builtin"])
+        assert row["builtin_step"]["status"] in ("ran", "ran, device check bypassed", "skipped", "n/a"), row
+    if not torch.cuda.is_available():
+        # the bypass keys on this message: if it changed, the layout validation would silently not run
+        cpu = next(r for r in ran if r["key"] == "cpu")
+        assert "requires one CUDA device per process" in cpu["builtin"]["message"], cpu["builtin"]
+        bypassed = [r["builtin_device_check_bypassed"] for r in ran if r["builtin_device_check_bypassed"]]
+        assert bypassed and all(b["status"] in ("accepted", "constructed", "refused") for b in bypassed), bypassed
+        assert not any("CUDA device per process" in b.get("message", "") for b in bypassed), bypassed
+        assert data["step_benchmark"] == "not run (--no-bench)"
