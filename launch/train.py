@@ -43,6 +43,8 @@ def run(trainer_cls, config) -> None:
     import torch
     from torchtitan.tools.logging import logger
 
+    from dist_muon.integrations.torchtitan.resume import validate_before_loading
+
     trainer = None
     try:
         trainer = trainer_cls(config)
@@ -68,38 +70,6 @@ def run(trainer_cls, config) -> None:
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def validate_before_loading(trainer) -> None:
-    """Check a checkpoint against every DistMuon before torchtitan's CheckpointManager loads it.
-
-    ``CheckpointManager.dcp_load`` hands the live state to ``dcp.load``, which writes the tensors in
-    place; ``DistMuon.load_state_dict`` would object to a mismatch only afterwards. This runs
-    ``dist_muon.checkpoint.checkpoint_problems`` first (DCP metadata and param-group entries only),
-    so a mismatched checkpoint stops the job with a CheckpointError naming the parameters and
-    nothing is loaded. ``exclusive=False``: a pipeline stage sees the other stages' state too.
-    """
-    import dist_muon as dm
-    from dist_muon import checkpoint as ckpt
-
-    checkpointer, container = getattr(trainer, "checkpointer", None), getattr(trainer, "optimizers", None)
-    pairs = [(part, opt) for part, opt in zip(trainer.model_parts, getattr(container, "optimizers", []))
-             if isinstance(opt, dm.DistMuon)]
-    if checkpointer is None or not pairs:
-        return
-    load = checkpointer.dcp_load
-
-    def dcp_load(state_dict, checkpoint_id, from_hf, from_quantized):
-        if not from_hf and "optimizer" in state_dict:  # a model-only load (step 0, HF weights) has no optimizer
-            problems = [p for part, opt in pairs for p in ckpt.checkpoint_problems(
-                checkpoint_id, part, opt, model_prefix="", optim_prefix="optimizer.", exclusive=False)]
-            if problems:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {checkpoint_id} does not match this model/optimizer (nothing was loaded):\n  "
-                    + "\n  ".join(problems[:20]))
-        return load(state_dict, checkpoint_id, from_hf, from_quantized)
-
-    checkpointer.dcp_load = dcp_load
 
 
 def parse_config(argv: list[str]):

@@ -6,17 +6,14 @@ import contextlib
 import copy
 from typing import Any
 
-import torch
 import torch.nn as nn
 from torchtitan.components import optimizer as tt_optimizer
 from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.tools.logging import logger
 
-import dist_muon as dm
-
-from .config import NAME, distmuon_kwargs, parse_rules, validate
-from .routing import param_groups
+from .config import NAME, distmuon_kwargs, validate
+from .routing import distmuon_per_part
 
 
 class DistMuonOptimizersContainer(OptimizersContainer):
@@ -29,17 +26,8 @@ class DistMuonOptimizersContainer(OptimizersContainer):
     def __init__(self, model_parts: list[nn.Module], optimizer_config) -> None:
         validate(optimizer_config)
         kwargs = distmuon_kwargs(optimizer_config)
-        rules = parse_rules(optimizer_config.rules)
         self.model_parts = model_parts
-        self.optimizers = []
-        all_params = []
-        for part in model_parts:
-            groups = param_groups(part, rules=rules, matrix_algorithm=optimizer_config.matrix_algorithm,
-                                  attention_view=optimizer_config.attention_view)
-            if optimizer_config.log_routing and _is_rank0():
-                logger.info(f"DistMuon routing:\n{dm.routing_report(groups)}")
-            self.optimizers.append(dm.DistMuon(groups, **kwargs))
-            all_params.extend(p for g in groups for p in g["params"])
+        self.optimizers, all_params = distmuon_per_part(model_parts, optimizer_config, kwargs, logger.info)
         self._validate_length(len(model_parts))
         # Optimizer.__init__ on the container wires up torch's step hooks (used by the MoE hook).
         self._post_init(all_params, kwargs)
@@ -54,10 +42,6 @@ def _swapped(module, name: str, value):
         yield
     finally:
         setattr(module, name, saved)
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None):

@@ -24,11 +24,9 @@ from torchtitan.components.optimizer.utils import init_optim_state, load_flat_op
 from torchtitan.distributed.utils import get_spmd_backend
 from torchtitan.tools.logging import logger
 
-import dist_muon as dm
-
 from .layouts import check_parameter_layouts
-from .options import DistMuonFields, check_betas, check_number, distmuon_kwargs, fail, parse_rules, validate_fields
-from .routing import param_groups
+from .options import DistMuonFields, check_betas, check_number, distmuon_kwargs, fail, validate_fields
+from .routing import distmuon_per_part, is_rank0
 
 # Implementation modes of torchtitan's own optimizers that mean nothing to DistMuon (which has its
 # own vectorised step) and are accepted silently; the stock configs set "fused".
@@ -62,18 +60,10 @@ class DistMuonContainer(OptimizersContainer):
     def __init__(self, config: Config, *, model_parts: list[nn.Module]) -> None:
         validate(config)
         kwargs = distmuon_kwargs(config, adamw_betas=config.adamw_betas, adamw_eps=config.adamw_eps)
-        rules = parse_rules(config.rules)
         self.model_parts = model_parts
-        self.optimizers = []
-        all_params = []
-        for part in model_parts:
-            check_parameter_layouts(part, get_spmd_backend())
-            groups = param_groups(part, rules=rules, matrix_algorithm=config.matrix_algorithm,
-                                  attention_view=config.attention_view)
-            if config.log_routing and _is_rank0():
-                logger.info(f"DistMuon routing:\n{dm.routing_report(groups)}")
-            self.optimizers.append(dm.DistMuon(groups, **kwargs))
-            all_params.extend(p for g in groups for p in g["params"])
+        self.optimizers, all_params = distmuon_per_part(
+            model_parts, config, kwargs, logger.info,
+            check_part=lambda part: check_parameter_layouts(part, get_spmd_backend()))
         self._validate_params(all_params)
         self._post_init(all_params)
 
@@ -114,11 +104,7 @@ def with_missing_group_keys(optim: torch.optim.Optimizer, flat: dict[str, Any]) 
             flat_key = f"param_groups.{names[0]}.{key}"
             if key not in ("params", "param_names") and flat_key not in flat:
                 missing[flat_key] = value
-    if missing and _is_rank0():
+    if missing and is_rank0():
         logger.warning(f"DistMuon: the checkpoint predates {sorted({k.rsplit('.', 1)[1] for k in missing})}; "
                        "those param-group keys keep their configured values")
     return {**flat, **missing}
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -16,11 +16,14 @@ Modules are recognised by their attributes, not their classes, so this imports n
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 
 import dist_muon as dm
+
+from .options import parse_rules
 
 Rule = tuple[str, Mapping[str, Any]]
 
@@ -29,6 +32,29 @@ def param_groups(part: nn.Module, *, rules: Sequence[Rule], matrix_algorithm: st
     """DistMuon param groups of one model part: the user's rules first, then the attention views."""
     return dm.build_param_groups(part, rules=[*rules, *attention_rules(part, attention_view)],
                                  matrix_algorithm=matrix_algorithm)
+
+
+def distmuon_per_part(model_parts: Sequence[nn.Module], cfg, kwargs: Mapping[str, Any], log: Callable[[str], None],
+                      check_part: Callable[[nn.Module], None] = lambda part: None
+                      ) -> tuple[list[dm.DistMuon], list[torch.Tensor]]:
+    """One DistMuon per model part (pipeline stage), routed by the config's ``rules``,
+    ``matrix_algorithm`` and ``attention_view``; the routing report goes to ``log`` on rank 0.
+    Returns the optimizers and every parameter they hold."""
+    rules = parse_rules(cfg.rules)
+    optimizers, params = [], []
+    for part in model_parts:
+        check_part(part)
+        groups = param_groups(part, rules=rules, matrix_algorithm=cfg.matrix_algorithm,
+                              attention_view=cfg.attention_view)
+        if cfg.log_routing and is_rank0():
+            log(f"DistMuon routing:\n{dm.routing_report(groups)}")
+        optimizers.append(dm.DistMuon(groups, **kwargs))
+        params.extend(p for g in groups for p in g["params"])
+    return optimizers, params
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def attention_rules(model: nn.Module, attention_view: str) -> list[Rule]:
