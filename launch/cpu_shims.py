@@ -21,9 +21,6 @@ from typing import Callable
 
 import torch
 
-_ACTIVE: list[str] = []
-
-
 def cpu_shims_needed() -> bool:
     """True when torchtitan finds no accelerator (no CUDA, nor any other), i.e. CPU + gloo."""
     from torch._utils import _get_available_device_type  # what torchtitan's device choice uses
@@ -31,19 +28,25 @@ def cpu_shims_needed() -> bool:
     return not torch.cuda.is_available() and _get_available_device_type() is None
 
 
-def active_shims() -> list[str]:
-    return list(_ACTIVE)
+class ShimSet:
+    """Shims applied at most once per process, and never when an accelerator is available."""
 
+    def __init__(self, shims: tuple[Callable[[], None], ...]):
+        self.shims = shims
+        self._active: list[str] = []
 
-def activate() -> list[str]:
-    """Apply every shim once; returns their names. Never runs when CUDA is available."""
-    if not cpu_shims_needed():
-        raise RuntimeError("CPU shims must not be activated when CUDA (or another accelerator) is available")
-    if not _ACTIVE:
-        for shim in SHIMS:
-            shim()
-            _ACTIVE.append(shim.__name__)
-    return active_shims()
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    def activate(self) -> list[str]:
+        """Apply every shim once; returns their names."""
+        if not cpu_shims_needed():
+            raise RuntimeError("CPU shims must not be activated when CUDA (or another accelerator) is available")
+        if not self._active:
+            for shim in self.shims:
+                shim()
+                self._active.append(shim.__name__)
+        return self.active()
 
 
 # --------------------------------------------------------------------------- shims
@@ -196,3 +199,5 @@ SHIMS: tuple[Callable[[], None], ...] = (
     integer_histc,
     moe_permute_indices_cpu,
 )
+_SHIM_SET = ShimSet(SHIMS)
+activate, active_shims = _SHIM_SET.activate, _SHIM_SET.active

@@ -20,27 +20,11 @@ from typing import Callable
 
 import torch
 
-from launch.cpu_shims import _CPUMemoryMonitor, _CPUWithDeviceIndex, cpu_shims_needed, fsdp_sum_only_reductions
+from launch.cpu_shims import (
+    ShimSet, _CPUMemoryMonitor, _CPUWithDeviceIndex, cpu_shims_needed, fsdp_sum_only_reductions,
+)
 
 __all__ = ["activate", "active_shims", "cpu_shims_needed"]
-
-_ACTIVE: list[str] = []
-
-
-def active_shims() -> list[str]:
-    return list(_ACTIVE)
-
-
-def activate() -> list[str]:
-    """Apply every shim once; returns their names. Never runs when CUDA is available."""
-    if not cpu_shims_needed():
-        raise RuntimeError("CPU shims must not be activated when CUDA (or another accelerator) is available")
-    if not _ACTIVE:
-        for shim in SHIMS:
-            shim()
-            _ACTIVE.append(shim.__name__)
-    return active_shims()
-
 
 # --------------------------------------------------------------------------- shims
 
@@ -164,3 +148,5 @@ SHIMS: tuple[Callable[[], None], ...] = (
     flex_attention_eager_cpu,
     process_group_set_timeout,
 )
+_SHIM_SET = ShimSet(SHIMS)
+activate, active_shims = _SHIM_SET.activate, _SHIM_SET.active

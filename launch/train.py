@@ -45,31 +45,45 @@ def run(trainer_cls, config) -> None:
 
     from dist_muon.integrations.torchtitan.resume import validate_before_loading
 
-    trainer = None
-    try:
+    def build():
         trainer = trainer_cls(config)
         validate_before_loading(trainer)
-        if config.comm.mode == "local_tensor":
-            logger.info("Local tensor mode enabled - skipping training execution")
-            return
+        return trainer
+
+    if config.comm.mode == "local_tensor":
+        logger.info("Local tensor mode enabled - skipping training execution")
+        return
+    train_and_close(build, config)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def train_and_close(build, config) -> None:
+    """Build the trainer, then train it or write a seed checkpoint, as torchtitan's entry does; close it.
+
+    After a failure there is no ``destroy_process_group`` (as in torchtitan: it can hang on NCCL).
+    After success the trainer is freed before the caller destroys the process group: what holds the
+    group (model, optimizers, meshes), left to interpreter teardown, can abort a finished gloo rank.
+    """
+    trainer = None
+    try:
+        trainer = build()
         if config.checkpoint.create_seed_checkpoint:
             if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
                 raise ValueError("a seed checkpoint needs WORLD_SIZE=1 and checkpoint.enable")
             trainer.checkpointer.save(curr_step=0, last_step=True)
+            from torchtitan.tools.logging import logger
+
             logger.info("Created seed checkpoint")
         else:
             trainer.train()
     except Exception:
         if trainer is not None:
             trainer.close()
-        raise  # as torchtitan: no destroy_process_group after a failure (it can hang on NCCL)
+        raise
     trainer.close()
-    # Free what holds the process group (model, optimizers, meshes) while it is alive, then destroy it:
-    # left to interpreter teardown, a gloo group can abort a finished rank.
     del trainer
     gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def parse_config(argv: list[str]):
@@ -125,23 +139,7 @@ def run_030(argv: list[str]) -> None:
     if config.comm.mode == "local_tensor":
         logger.info("Local tensor mode enabled - skipping training execution")
         return
-    trainer = None
-    try:
-        trainer = config.build()
-        if config.checkpoint.create_seed_checkpoint:
-            if int(os.environ["WORLD_SIZE"]) != 1 or not config.checkpoint.enable:
-                raise ValueError("a seed checkpoint needs WORLD_SIZE=1 and checkpoint.enable")
-            trainer.checkpointer.save(curr_step=0, last_step=True)
-            logger.info("Created seed checkpoint")
-        else:
-            trainer.train()
-    except Exception:
-        if trainer is not None:
-            trainer.close()
-        raise  # as torchtitan: no destroy_process_group after a failure (it can hang on NCCL)
-    trainer.close()
-    del trainer  # see run(): free what holds the process group before destroying it
-    gc.collect()
+    train_and_close(config.build, config)
     if torch.distributed.is_initialized():
         with sl.log_trace_span("torch_distributed_teardown"):
             torch.distributed.destroy_process_group()
