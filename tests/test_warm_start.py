@@ -339,3 +339,120 @@ def test_modes_are_validated():
     model = make_model()
     with pytest.raises(ValueError, match=r"on_routing_change='keep'.*'refuse', 'reset', 'convert'"):
         ck.load_checkpoint("nowhere", model, distmuon(model), on_routing_change="keep")
+
+
+# ----------------------------------------------------------------------------- torchtitan 0.2.2 (in process)
+
+
+def titan_step(model, optimizers, schedulers, step: int) -> None:
+    import torch.nn.functional as F
+
+    tokens = torch.randint(0, 2048, (2, 33), generator=torch.Generator().manual_seed(step))
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    optimizers.step()
+    optimizers.zero_grad()
+    schedulers.step()
+
+
+def titan_checkpointer(model):
+    """What ``validate_before_loading`` wraps: torchtitan's own ``CheckpointManager.dcp_load``."""
+    import functools
+    from types import SimpleNamespace
+
+    from torchtitan.components.checkpoint import CheckpointManager, ModelWrapper
+
+    checkpointer = SimpleNamespace(enable=True, states={"model": ModelWrapper(model)}, sd_adapter=None)
+    checkpointer.dcp_load = functools.partial(CheckpointManager.dcp_load, checkpointer)
+    return checkpointer
+
+
+def test_torchtitan_adamw_run_resumes_with_distmuon(tmp_path):
+    """torchtitan 0.2.2's AdamW (its OptimizersContainer, flat FQN-keyed state) and LR schedule train
+    K steps and are saved as its CheckpointManager saves them; a DistMuon trainer with
+    ``on_routing_change = "convert"`` loads that checkpoint through ``validate_before_loading``."""
+    pytest.importorskip("torchtitan")
+    from importlib.metadata import version
+
+    if not version("torchtitan").startswith("0.2."):
+        pytest.skip("torchtitan 0.2.x API (tests/torchtitan030 has the 0.3.0 counterpart)")
+    from types import SimpleNamespace
+
+    import torch.distributed.checkpoint as dcp
+    from test_torchtitan_config import NO_MESHES, schedulers, tiny_model
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from dist_muon import checkpoint as ck
+    from dist_muon.integrations import torchtitan as dm_titan
+    from dist_muon.integrations.torchtitan.resume import validate_before_loading
+
+    dm_titan.register("llama3")
+    build = get_train_spec("llama3").build_optimizers_fn
+    hyper = dict(beta1=MU, beta2=0.99, weight_decay=0.1, log_routing=False)
+    saved_model = tiny_model("llama3")
+    adamw_config = dm_titan.DistMuonOptimizer(name="AdamW", implementation="for-loop", lr=8e-4, **hyper)
+    adamw_opts = build([saved_model], adamw_config, NO_MESHES)
+    adamw_scheds = schedulers(adamw_opts, per_group=False)
+    for step in range(K):
+        titan_step(saved_model, adamw_opts, adamw_scheds, step)
+    path = str(tmp_path / "step-3")
+    states = {**titan_checkpointer(saved_model).states["model"].state_dict(), "optimizer": adamw_opts,
+              "lr_scheduler": adamw_scheds}
+    dcp.save(states, checkpoint_id=path)
+
+    def distmuon_trainer(**fields):
+        model = tiny_model("llama3")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)  # other weights than the checkpoint's: the load must replace them
+        config = dm_titan.DistMuonOptimizer(name="DistMuon", lr=0.02, adamw_lr=0.004, ns_dtype="float32",
+                                            momentum=MU, **hyper, **fields)
+        opts = build([model], config, NO_MESHES)
+        trainer = SimpleNamespace(checkpointer=titan_checkpointer(model), model_parts=[model], optimizers=opts)
+        return trainer, schedulers(opts, per_group=True)
+
+    def load(trainer, scheds):
+        states = {**trainer.checkpointer.states["model"].state_dict(), "optimizer": trainer.optimizers,
+                  "lr_scheduler": scheds}
+        trainer.checkpointer.dcp_load(states, path, False, False)
+
+    # the default refuses, naming the option, and loads nothing
+    trainer, scheds = distmuon_trainer()
+    validate_before_loading(trainer)
+    (opt,) = trainer.optimizers
+    before = {k: v.clone() for k, v in opt.state[trainer.model_parts[0].tok_embeddings.weight].items()}
+    with pytest.raises(ck.CheckpointError, match=r"(?s)layers\.0\.attention\.wq\.weight: routed to 'adamw' in the "
+                                                 r"checkpoint.*'muon' now.*on_routing_change"):
+        load(trainer, scheds)
+    assert all(torch.equal(v, opt.state[trainer.model_parts[0].tok_embeddings.weight][k]) for k, v in before.items())
+
+    logs = []
+    trainer, scheds = distmuon_trainer(on_routing_change="convert")
+    validate_before_loading(trainer, log=logs.append)
+    load(trainer, scheds)
+    model, (opt,) = trainer.model_parts[0], trainer.optimizers
+    adamw_state = {n: adamw_opts.optimizers[0].state[p] for n, p in saved_model.named_parameters()}
+    by_name = dict(model.named_parameters())
+    for name, p in saved_model.named_parameters():
+        assert torch.equal(by_name[name], p), name
+    routed = {n: g for g in opt.param_groups for n in g["param_names"]}
+    assert {g["algorithm"] for g in routed.values()} == {"muon", "adamw"}
+    for name, group in routed.items():
+        state = opt.state[by_name[name]]
+        if group["algorithm"] == "muon":
+            assert torch.equal(state["momentum_buffer"], adamw_state[name]["exp_avg"]), name
+        else:
+            assert all(torch.equal(state[k], adamw_state[name][k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
+    # each group resumes the schedule at step K from its own initial lr: AdamW's 8e-4, Muon's 0.02
+    factor = adamw_scheds.schedulers[0].get_last_lr()[0] / 8e-4
+    for group in opt.param_groups:
+        assert group["lr"] == pytest.approx((8e-4 if group["algorithm"] == "adamw" else 0.02) * factor)
+    assert len(logs) == 1 and "converted" in logs[0] and "momentum_buffer ← exp_avg" in logs[0], logs
+    assert trainer.optimizers.last_warm_start[0].count("converted") == sum(
+        g["algorithm"] == "muon" for g in routed.values())
+    # the AdamW-routed parameters continue as the uninterrupted AdamW run
+    titan_step(saved_model, adamw_opts, adamw_scheds, K)
+    titan_step(model, trainer.optimizers, scheds, K)
+    for name, group in routed.items():
+        if group["algorithm"] == "adamw":
+            assert rel(by_name[name].detach(), dict(saved_model.named_parameters())[name].detach()) < 1e-6, name
