@@ -24,6 +24,9 @@ naming it), the same global shapes, the same ``algorithm`` and view options, and
 group (the same ``param_names`` beside it). Other hyperparameters follow ``torch.optim`` semantics:
 the checkpoint's param-group values win over the constructor's (so LR schedulers resume where they
 were).
+
+A checkpoint routed otherwise (an AdamW run, DistMuon with other rules) loads when asked:
+``load_checkpoint(..., on_routing_change="reset" | "convert")``, a warm start (``warm_start.py``).
 """
 
 from __future__ import annotations

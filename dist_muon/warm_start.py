@@ -24,7 +24,7 @@ exactly the one Muon would hold after the same gradients. With β₁ ≠ μ no b
 weigh past gradients differently); after t steps an EMA's weights sum to 1 − βᵗ, and the factor gives
 the buffer the total weight Muon's own would have, so early switches are not biased towards zero or
 overweighted. Its window stays Adam's until Muon's own EMA has replaced it (about 1/(1 − μ) steps);
-the factor tends to 1 as t grows (e.g. 0.99 after 60 AdamW steps for β₁ = 0.9, μ = 0.95).
+the factor tends to 1 as t grows (β₁ = 0.9, μ = 0.95: 0.53 after 3 AdamW steps, 0.99 after 90).
 
 In the other direction AdamW's ``step`` restarts at 0 with ``exp_avg_sq``, so its bias correction
 1/(1 − β₁ᵗ) treats the carried ``exp_avg`` as if it had been accumulated from zero: in the first steps
