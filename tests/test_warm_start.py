@@ -456,3 +456,23 @@ def test_torchtitan_adamw_run_resumes_with_distmuon(tmp_path):
     for name, group in routed.items():
         if group["algorithm"] == "adamw":
             assert rel(by_name[name].detach(), dict(saved_model.named_parameters())[name].detach()) < 1e-6, name
+
+
+def test_torchtitan_option_is_validated(tmp_path):
+    """``[optimizer] on_routing_change`` from TOML and the command line, checked at parse time."""
+    pytest.importorskip("torchtitan")
+    from importlib.metadata import version
+
+    if not version("torchtitan").startswith("0.2."):
+        pytest.skip("torchtitan 0.2.x TOML configs")
+    from test_torchtitan_config import debug_toml_with, parse
+
+    from dist_muon.integrations import torchtitan as dm_titan
+
+    assert parse().optimizer.on_routing_change == "refuse"
+    assert parse("--optimizer.on_routing_change", "reset").optimizer.on_routing_change == "reset"
+    toml = debug_toml_with('on_routing_change = "convert"')
+    assert parse(toml=toml, tmp_path=tmp_path).optimizer.on_routing_change == "convert"
+    with pytest.raises(dm_titan.ConfigError, match=r"\[optimizer\] on_routing_change: must be one of "
+                                                   r"\['refuse', 'reset', 'convert'\], got 'keep'"):
+        parse("--optimizer.on_routing_change", "keep")

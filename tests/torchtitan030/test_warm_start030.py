@@ -109,3 +109,13 @@ def test_stock_adamw_checkpoint_resumes_with_distmuon(tmp_path):
         if group["algorithm"] == "adamw":
             err = float((params[name] - saved[name]).detach().norm() / saved[name].detach().norm())
             assert err < 1e-6, (name, err)
+
+
+def test_option_is_validated_at_parse_time(capsys):
+    from test_config import parse
+
+    assert parse("--optimizer.on_routing_change", "convert").optimizer.on_routing_change == "convert"
+    with pytest.raises(SystemExit):
+        parse("--optimizer.on_routing_change", "keep")
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert "[optimizer] on_routing_change: must be one of ['refuse', 'reset', 'convert']" in err, err
