@@ -199,7 +199,7 @@ class WarmStartPlan:
     moves: Mapping[str, Move] = field(default_factory=dict)
     # per live param group: the values it takes from the checkpoint
     group_values: tuple[Mapping[str, Any], ...] = ()
-    # per moved parameter: its checkpoint param group's betas / momentum (for the conversion)
+    # per moved parameter from AdamW: its checkpoint param group's betas (the conversion's factor)
     saved_hyper: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -236,12 +236,12 @@ def _fqns(model: nn.Module) -> dict[int, str]:
 
 
 def _group_values(source: Source, optimizer, fqns: dict[int, str], moves: Mapping[str, Move], prefix: str):
-    """Per live group, the checkpoint values its kept members agree on; the betas / momentum of
-    moved parameters; and disagreements. One read (collective)."""
+    """Per live group, the checkpoint values its kept members agree on; the AdamW betas of moved
+    parameters; and disagreements. One read (collective)."""
     def key(fqn: str, option: str) -> str:
         return f"{prefix}param_groups.{fqn}.{option}"
 
-    wanted = {"adamw": ("betas",), "muon": ("momentum",), "normuon": ("momentum",)}
+    wanted = {"adamw": ("betas",)}  # the one checkpoint value a conversion uses (β1, for the factor)
     request: dict[str, Any] = {}
     for group in optimizer.param_groups:
         options = [k for k in group if k not in _NOT_VALUES]
