@@ -303,8 +303,6 @@ def dcp_reader(path: str) -> Reader:
     return lambda request: dcp.load(request, checkpoint_id=path)
 
 
-
-
 def verify_files(path: str, verify: str = "sizes") -> dict:
     """Check the checkpoint is complete and its files match the manifest; collective. Returns the manifest.
 
