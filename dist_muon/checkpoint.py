@@ -24,6 +24,9 @@ naming it), the same global shapes, the same ``algorithm`` and view options, and
 group (the same ``param_names`` beside it). Other hyperparameters follow ``torch.optim`` semantics:
 the checkpoint's param-group values win over the constructor's (so LR schedulers resume where they
 were).
+
+A checkpoint routed otherwise (an AdamW run, DistMuon with other rules) loads when asked:
+``load_checkpoint(..., on_routing_change="reset" | "convert")``, a warm start (``warm_start.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ STATE_KEYS = {
 STRUCTURAL_GROUP_KEYS = ("algorithm",) + tuple(VIEW_KEYS)
 # How much of the files ``verify_files`` reads: the manifest and file sizes (O(metadata)), or every byte.
 VERIFY_MODES = ("sizes", "sha256", "none")
+
+
+ROUTED = "routed to"  # how a routing mismatch is worded (routing_hint recognises it)
 
 
 class CheckpointError(RuntimeError):
@@ -281,6 +287,21 @@ def _fsync_dir(path: str) -> None:
 
 # ----------------------------------------------------------------------------- validate
 
+# A checkpoint as validation sees it: every key with its global shape (None: not a tensor), and a
+# reader that fills a request {key: target} in place (tensors are written into, other values replaced).
+Shapes = dict[str, Optional[tuple]]
+Reader = Callable[[dict], None]
+
+
+def dcp_shapes(path: str) -> Shapes:
+    """Every key of a DCP checkpoint with its global shape (None for non-tensor entries); reads ``.metadata`` only."""
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k: tuple(md.size) if isinstance(md, TensorStorageMetadata) else None for k, md in metadata.items()}
+
+
+def dcp_reader(path: str) -> Reader:
+    return lambda request: dcp.load(request, checkpoint_id=path)
+
 
 def verify_files(path: str, verify: str = "sizes") -> dict:
     """Check the checkpoint is complete and its files match the manifest; collective. Returns the manifest.
@@ -331,9 +352,14 @@ def verify_files(path: str, verify: str = "sizes") -> dict:
     return manifest
 
 
-def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[str]:
+def _group_checks(read: Reader, optim_sd: dict, prefix: str, saved_keys, moved=frozenset()) -> list[str]:
     """Compare each parameter's structural param-group values (algorithm, view options, the names of
-    the parameters sharing its group) with the checkpoint's (``saved_keys``: its DCP keys).
+    the parameters sharing its group) with the checkpoint's (``saved_keys``: its keys; ``read`` fills
+    a request of them in place).
+
+    ``moved``: parameters whose algorithm changed, accepted by a warm start (``dist_muon.warm_start``).
+    They are not compared, and the group comparison leaves them out on both sides: a parameter that
+    moved to another algorithm necessarily left its group.
 
     Reads only these small non-tensor entries; nothing in the optimizer is touched. The group check
     matters because ``set_optimizer_state_dict`` takes a group's values from its first parameter's
@@ -348,7 +374,7 @@ def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[st
     def fqn_of(key: str) -> str:
         return key[len("param_groups."):].rsplit(".", 1)[0]
 
-    mine = {fqn_of(k) for k in optim_sd if k.startswith("param_groups.")}
+    mine = {fqn_of(k) for k in optim_sd if k.startswith("param_groups.")} - set(moved)
     saved = {k[len(prefix):] for k in saved_keys if k.startswith(prefix) and structural(k[len(prefix):])}
     # Entries the checkpoint has, of our parameters: torchtitan 0.3.0 saves no param_names, and a
     # checkpoint older than a view key (interleave) lacks it (loaders fill it from the live group).
@@ -357,15 +383,17 @@ def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[st
     if not compared:
         return []
     probe = {prefix + k: None for k in compared}
-    dcp.load(probe, checkpoint_id=path)
+    read(probe)
     problems = []
     for key in compared:
         fqn, option = key[len("param_groups."):].rsplit(".", 1)
         theirs, ours = probe[prefix + key], optim_sd.get(key)
+        if option == "param_names" and moved:
+            theirs, ours = _without(theirs, moved), _without(ours, moved)
         if _normal(theirs) == _normal(ours):
             continue
         if option == "algorithm":
-            problems.append(f"{fqn}: routed to {theirs!r} in the checkpoint but to {ours!r} now")
+            problems.append(f"{fqn}: {ROUTED} {theirs!r} in the checkpoint but to {ours!r} now")
         elif option == "param_names" and _stage_of(_normal(ours), _normal(theirs), mine):
             continue
         elif option == "param_names":
@@ -374,6 +402,10 @@ def _group_checks(path: str, optim_sd: dict, prefix: str, saved_keys) -> list[st
         else:
             problems.append(f"{fqn}: view option {option}={theirs!r} in the checkpoint but {ours!r} now")
     return problems
+
+
+def _without(names, moved) -> Optional[list]:
+    return None if names is None else [n for n in names if n not in moved]
 
 
 def _stage_of(ours, theirs, mine) -> bool:
@@ -410,15 +442,29 @@ def checkpoint_problems(
     ``training_state_dict``; torchtitan 0.3.0 flattens the optimizer its own way).
     """
     current = training_state_dict(model, optimizer) if current is None else current
-    metadata = {}
     try:
-        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        shapes = dcp_shapes(path)
     except Exception as e:  # noqa: BLE001 - any unreadable metadata is a corrupt checkpoint
-        problems = [f"cannot read DCP metadata ({type(e).__name__}: {e})"]
-    else:
-        problems = _key_problems(metadata, current, model_prefix, optim_prefix, exclusive)
-    problems = _everyone(problems)  # before the collective dcp.load in _group_checks: all ranks or none
-    return problems or _everyone(_group_checks(path, current["optim"], optim_prefix, metadata.keys()))
+        return _everyone([f"cannot read DCP metadata ({type(e).__name__}: {e})"])
+    problems, _ = problems_and_moves(shapes, dcp_reader(path), current, model_prefix=model_prefix,
+                                     optim_prefix=optim_prefix, exclusive=exclusive)
+    return problems
+
+
+def problems_and_moves(shapes: Shapes, read: Reader, current: dict[str, Any], *, model_prefix: str,
+                       optim_prefix: str, exclusive: bool, allow_moves: bool = False
+                       ) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """(problems, moves); collective. ``moves``: FQN -> (algorithm in the checkpoint, algorithm now)
+    for every parameter whose state is another known algorithm's; they are problems unless
+    ``allow_moves`` (a warm start, ``dist_muon.warm_start``), and then left out of the group checks.
+    The same lists on every rank."""
+    moves: dict[str, tuple[str, str]] = {}
+    problems = _key_problems(shapes, current, model_prefix, optim_prefix, exclusive,
+                             moves if allow_moves else None)
+    problems = _everyone(problems)  # before the collective read in _group_checks: all ranks or none
+    if problems:
+        return problems, moves
+    return _everyone(_group_checks(read, current["optim"], optim_prefix, shapes.keys(), frozenset(moves))), moves
 
 
 def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -432,33 +478,50 @@ def validate_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Opti
     """
     manifest = verify_files(path, verify)
     problems = checkpoint_problems(path, model, optimizer)
-    if not problems and lr_schedulers is not None:
-        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        saved = len({k.split(".")[1] for k in metadata if k.startswith("lr_schedulers.")})
-        if saved != len(lr_schedulers):
-            problems = [f"{saved} LR schedulers were saved, {len(lr_schedulers)} were given"]
     _agree(not problems, _format(path, problems))
+    if lr_schedulers is not None:
+        _check_schedulers(path, lr_schedulers)
     return manifest
 
 
-def _format(path: str, problems: list[str]) -> str:
+def _check_schedulers(path: str, lr_schedulers: Sequence[Any]) -> None:
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = len({k.split(".")[1] for k in metadata if k.startswith("lr_schedulers.")})
+    _agree(saved == len(lr_schedulers), _format(path, [f"{saved} LR schedulers were saved, "
+                                                         f"{len(lr_schedulers)} were given"]))
+
+
+def _format(path: str, problems: list[str], hint: str = "load_checkpoint(..., on_routing_change='reset' or "
+            "'convert')") -> str:
     shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-    return f"checkpoint {path} does not match this model/optimizer:\n  " + "\n  ".join(shown)
+    return (f"checkpoint {path} does not match this model/optimizer:\n  " + "\n  ".join(shown)
+            + routing_hint(problems, hint))
+
+
+def routing_hint(problems: Sequence[str], how: str) -> str:
+    """A line saying how to load anyway, when some problem is a parameter routed to another algorithm."""
+    if not any(ROUTED in p for p in problems):
+        return ""
+    return (f"\n(parameters routed to another algorithm load with {how}: a warm start, "
+            "docs/checkpointing.md#warm-starts)")
 
 
 def _shape(t) -> tuple:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
 
-def _key_problems(metadata: dict, current: dict, model_prefix: str, optim_prefix: str, exclusive: bool) -> list[str]:
+def _key_problems(shapes: Shapes, current: dict, model_prefix: str, optim_prefix: str, exclusive: bool,
+                  moves: Optional[dict] = None) -> list[str]:
+    """Missing keys and other shapes; a parameter routed to another algorithm goes into ``moves``
+    when it is a dict (a warm start), else it is a problem."""
     problems = []
     # model
     for fqn, t in current["model"].items():
-        md = metadata.get(model_prefix + fqn)
-        if md is None:
+        key = model_prefix + fqn
+        if key not in shapes:
             problems.append(f"{fqn}: parameter missing from the checkpoint")
-        elif isinstance(t, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(t):
-            problems.append(f"{fqn}: shape {tuple(md.size)} in the checkpoint but {_shape(t)} now")
+        elif isinstance(t, torch.Tensor) and shapes[key] is not None and shapes[key] != _shape(t):
+            problems.append(f"{fqn}: shape {shapes[key]} in the checkpoint but {_shape(t)} now")
     # optimizer state, per parameter
     ours: dict[str, dict[str, Any]] = {}
     for key, value in current["optim"].items():
@@ -467,10 +530,10 @@ def _key_problems(metadata: dict, current: dict, model_prefix: str, optim_prefix
             ours.setdefault(fqn, {})[k] = value
     theirs: dict[str, dict[str, Any]] = {}
     state_prefix = optim_prefix + "state."
-    for key, md in metadata.items():
+    for key, shape in shapes.items():
         if key.startswith(state_prefix):
             fqn, k = key[len(state_prefix):].rsplit(".", 1)
-            theirs.setdefault(fqn, {})[k] = md
+            theirs.setdefault(fqn, {})[k] = shape
     for fqn, state in ours.items():
         saved = theirs.get(fqn)
         if saved is None:
@@ -478,8 +541,10 @@ def _key_problems(metadata: dict, current: dict, model_prefix: str, optim_prefix
             continue
         if set(saved) != set(state):
             then, now = algorithm_of_keys(saved), algorithm_of_keys(state)
-            if then and now and then != now:
-                problems.append(f"{fqn}: routed to {then!r} in the checkpoint (state {sorted(saved)}) but to {now!r} "
+            if then and now and then != now and moves is not None:
+                moves[fqn] = (then, now)
+            elif then and now and then != now:
+                problems.append(f"{fqn}: {ROUTED} {then!r} in the checkpoint (state {sorted(saved)}) but to {now!r} "
                                 f"now (state {sorted(state)})")
             else:
                 missing, extra = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
@@ -487,9 +552,9 @@ def _key_problems(metadata: dict, current: dict, model_prefix: str, optim_prefix
                                 f"unexpected in the checkpoint {extra}")
             continue
         for k, value in state.items():
-            md = saved[k]
-            if isinstance(value, torch.Tensor) and isinstance(md, TensorStorageMetadata) and tuple(md.size) != _shape(value):
-                problems.append(f"{fqn}: optimizer state {k!r} has shape {tuple(md.size)} in the checkpoint but "
+            shape = saved[k]
+            if isinstance(value, torch.Tensor) and shape is not None and shape != _shape(value):
+                problems.append(f"{fqn}: optimizer state {k!r} has shape {shape} in the checkpoint but "
                                 f"{_shape(value)} now")
     for fqn in sorted(set(theirs) - set(ours)) if exclusive else ():
         problems.append(f"{fqn}: the checkpoint has optimizer state for it but the optimizer has no such parameter")
@@ -506,13 +571,34 @@ def load_checkpoint(
     *,
     lr_schedulers: Sequence[Any] = (),
     verify: str = "sizes",
+    on_routing_change: str = "refuse",
+    log: Optional[Callable[[str], None]] = print,
 ) -> dict:
     """Validate, then load model + optimizer (+ LR schedulers) from ``path``, resharding as needed; collective.
 
     Returns the ``train_state`` dict saved with it (``step``, ``world_size``, ``extra``). Load the
     schedulers here (after the optimizer) rather than constructing them afterwards. ``verify``: how
     the files are checked first (``"sizes"``, ``"sha256"`` or ``"none"``, see ``verify_files``).
+
+    ``on_routing_change``: what happens to a parameter whose optimizer state in the checkpoint is
+    another algorithm's (a ``torch.optim.AdamW`` checkpoint, a DistMuon run routed differently):
+    ``"refuse"`` (default) raises, naming it and both algorithms; ``"reset"`` gives it fresh state;
+    ``"convert"`` carries its momentum over (``dist_muon.warm_start`` has the rules). Then the
+    returned dict also has ``"warm_start"``, a ``WarmStartReport`` of what every parameter got,
+    which ``log`` (rank 0; None: silent) prints too.
     """
+    from . import warm_start
+
+    warm_start.check_mode(on_routing_change)
+    if on_routing_change != "refuse":
+        verify_files(path, verify)
+        plan = warm_start.plan_warm_start(warm_start.dcp_source(path), model, optimizer, mode=on_routing_change)
+        _agree(not plan.problems, _format(path, list(plan.problems)))
+        _check_schedulers(path, lr_schedulers)
+        if warm_start.any_rank(bool(plan.moves)):
+            return warm_start.load_checkpoint_with_moves(path, plan, model, optimizer, lr_schedulers=lr_schedulers,
+                                                         log=log)
+        verify = "none"  # nothing moved: an ordinary load, the files already checked
     validate_checkpoint(path, model, optimizer, verify=verify, lr_schedulers=lr_schedulers)
     state = training_state_dict(model, optimizer)  # aliases the live tensors: dcp.load writes in place
     state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
@@ -537,10 +623,12 @@ def resume(
     *,
     lr_schedulers: Sequence[Any] = (),
     verify: str = "sizes",
+    on_routing_change: str = "refuse",
 ) -> int:
     """Load the latest complete checkpoint under ``root``; returns its step (0 when there is none).
 
     Every rank must see the same latest checkpoint (a shared filesystem); ranks that disagree raise.
+    ``on_routing_change``: as in ``load_checkpoint``.
     """
     path = latest_checkpoint(root)
     if _dist():
@@ -551,7 +639,8 @@ def resume(
                                   "(checkpoints must be on a filesystem shared by all ranks)")
     if path is None:
         return 0
-    return int(load_checkpoint(path, model, optimizer, lr_schedulers=lr_schedulers, verify=verify)["step"])
+    return int(load_checkpoint(path, model, optimizer, lr_schedulers=lr_schedulers, verify=verify,
+                               on_routing_change=on_routing_change)["step"])
 
 
 # ----------------------------------------------------------------------------- torch-format state dicts

@@ -161,6 +161,18 @@ class DistMuon(torch.optim.Optimizer):
             state["magnitude_exp_avg"] = torch.zeros_like(norms)
             state["magnitude_exp_avg_sq"] = torch.zeros_like(norms)
 
+    @torch.no_grad()
+    def reset_state(self, params) -> None:
+        """Give ``params`` the state a new optimizer would (Muown's magnitudes from their current
+        values), written into the existing state tensors, so a captured CUDA graph stays valid."""
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p in params:
+            live = self.state.pop(p)
+            self._init_state(groups[id(p)], p)
+            for key, fresh in self.state[p].items():
+                live[key].copy_(fresh)
+            self.state[p] = live
+
     # ------------------------------------------------------------------ the plan
 
     def _matrix_params(self) -> list[tuple[int, dict, torch.Tensor, str]]:

@@ -28,6 +28,7 @@ class DistMuonOptimizersContainer(OptimizersContainer):
         kwargs = distmuon_kwargs(optimizer_config)
         self.model_parts = model_parts
         self.optimizers, all_params = distmuon_per_part(model_parts, optimizer_config, kwargs, logger.info)
+        self.on_routing_change = optimizer_config.on_routing_change  # read by resume.validate_before_loading
         self._validate_length(len(model_parts))
         # Optimizer.__init__ on the container wires up torch's step hooks (used by the MoE hook).
         self._post_init(all_params, kwargs)

@@ -64,6 +64,7 @@ class DistMuonContainer(OptimizersContainer):
         self.optimizers, all_params = distmuon_per_part(
             model_parts, config, kwargs, logger.info,
             check_part=lambda part: check_parameter_layouts(part, get_spmd_backend()))
+        self.on_routing_change = config.on_routing_change  # read by resume.validate_before_loading
         self._validate_params(all_params)
         self._post_init(all_params)
 

@@ -114,6 +114,12 @@ class DistMuonFields:
     log_routing: bool = True
     """Log DistMuon's routing report (where every parameter goes) on rank 0 at start-up."""
 
+    on_routing_change: str = "refuse"
+    """On resume, a parameter whose checkpoint state is another algorithm's (an AdamW run, DistMuon
+    routed differently): "refuse" (stop before loading, naming it), "reset" (fresh state for it) or
+    "convert" (Muon momentum from AdamW's exp_avg and back; docs/checkpointing.md#warm-starts).
+    Not a DistMuon argument: the pre-load check of the trainer applies it."""
+
 
 class ConfigError(ValueError):
     """An invalid optimizer setting; the message names the field."""
@@ -172,8 +178,10 @@ def _core_choices() -> dict[str, tuple]:
     from dist_muon.optimizer.groups import MATRIX_ALGORITHMS, NONFINITE_POLICIES
     from dist_muon.plan import OWNER_POLICIES
     from dist_muon.views import ADJUST_LR
+    from dist_muon.warm_start import MODES
 
     return {
+        "on_routing_change": MODES,
         "matrix_algorithm": MATRIX_ALGORITHMS,
         "attention_view": ATTENTION_VIEWS,
         "ns_method": NAMED_METHODS,
@@ -215,7 +223,8 @@ def validate_fields(cfg) -> None:
     check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
     for name in ("nesterov", "compile_ns", "cuda_graph", "log_routing"):
         _check_bool(cfg, name)
-    for name in ("matrix_algorithm", "attention_view", "adjust_lr", "owner_policy", "nonfinite_grad"):
+    for name in ("matrix_algorithm", "attention_view", "adjust_lr", "owner_policy", "nonfinite_grad",
+                 "on_routing_change"):
         _check_choice(cfg, name, choices[name])
     _check_schedule(cfg, choices)
     parse_rules(cfg.rules)
