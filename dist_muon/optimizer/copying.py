@@ -112,12 +112,19 @@ def restore(opt, settings: Settings) -> None:
     opt._ensure_plan()
 
 
-def tensor_steps(opt) -> None:
-    """State from before steps were tensors (torch.optim's older format: a Python number) as float32
-    tensors, as torch's Adam does on load."""
+def finish_setstate(opt, settings: Optional[Settings]) -> None:
+    """After torch.optim's ``__setstate__`` (a copy, or ``load_state_dict`` with ``settings`` None)."""
+    # torch adds differentiable=False for its own optimizers; DistMuon has no such mode, and the key
+    # would reach every group added later (and their checkpoints) on copies and loaded optimizers only
+    if opt.defaults.get("differentiable") is False:
+        del opt.defaults["differentiable"]
+    # older state (torch.optim's format before steps were tensors: a Python number): float32 tensors,
+    # as torch's Adam makes them on load
     for state in opt.state.values():
         if "step" in state and not isinstance(state["step"], torch.Tensor):
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+    if settings is not None:
+        restore(opt, settings)
 
 
 def _params(opt) -> list[torch.Tensor]:

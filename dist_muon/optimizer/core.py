@@ -133,9 +133,7 @@ class DistMuon(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         settings = copying.pop_settings(state)  # None when torch's load_state_dict sets state and groups
         super().__setstate__(state)
-        copying.tensor_steps(self)
-        if settings is not None:
-            copying.restore(self, settings)
+        copying.finish_setstate(self, settings)
 
     def add_param_group(self, param_group: dict) -> None:
         group = complete_group(param_group, len(self.param_groups), self._group_defaults)

@@ -53,7 +53,8 @@ def _instead(key: str, algorithm: str) -> str:
     if base in OWN_KEYS[algorithm]:
         return f"use {base!r} (this group's own {base})"
     target = next(iter(CONSTRUCTOR_GROUP_KEYS[key]))
-    return f"a {algorithm} group has no {base}: set algorithm={target!r} and use {base!r}, or drop {key!r}"
+    article = "an" if algorithm[0] in "aeiou" else "a"
+    return f"{article} {algorithm} group has no {base}: set algorithm={target!r} and use {base!r}, or drop {key!r}"
 
 
 def _same(a, b) -> bool:

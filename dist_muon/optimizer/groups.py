@@ -62,6 +62,7 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{label}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
     out = translate_constructor_keys(out, label)
+    inherits_lr = "lr" not in out
     if algorithm == "adamw":
         for key in VIEW_KEYS:
             if out.get(key) not in (None, False):
@@ -84,6 +85,10 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
                 out.setdefault(key, False if key == "flatten" else None)
             elif out.get(key) is None:
                 out.pop(key, None)
+    if inherits_lr and isinstance(out["lr"], torch.Tensor):
+        # A tensor default becomes each group's own: schedulers fill_ every group's lr in place, and
+        # one shared tensor would give every group the last group's value.
+        out["lr"] = out["lr"].detach().clone()
     validate_hyperparameters(out, label)
     for i, p in enumerate(out["params"]):
         name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
