@@ -610,9 +610,12 @@ def _copies_step_like(opt, entries, step):
 
 
 def _every_layout(world):
+    """Every point at once on every layout, against the same optimizer written the ordinary way on one process;
+    then deepcopy and pickle it: each copy's next step equals the original's."""
     import layouts
 
-    entries = layouts.kitchen_sink(world) if world == 4 else layouts.fsdp_entries(world) + layouts.ep_entries(world)
+    entries = (layouts.fsdp_entries(world) + layouts.hsdp_entries(world) + layouts.tp_only_entries(world)
+               + layouts.ep_entries(world))
     lr_of = {"muon": 0.05, "normuon": 0.04, "muown": 0.03, "adamw": 0.01}.get
     reference_params = [nn.Parameter(e.full.clone()) for e in entries]
     params = [e.param for e in entries]
@@ -633,88 +636,83 @@ def _every_layout(world):
     return max(errors.values()), copies, sorted({e.name.split(".")[0] for e in entries})
 
 
-def test_fsdp_and_ep_w2_every_point_and_copies_step_like_the_original(pool2):
+def test_every_layout_every_point_and_fsdp_copies_step_like_the_original(pool2):
+    # FSDP, HSDP (2 replicas), TP and EP (experts on their own mesh) at W=2, in one optimizer
     for worst, copies, layouts_seen in pool2.run(_every_layout, 2):
-        assert worst <= 1e-5 and copies == 2 and layouts_seen == ["ep", "fsdp"], (worst, layouts_seen)
-
-
-def test_every_layout_w4_every_point_and_copies_step_like_the_original(pool4):
-    for worst, copies, layouts_seen in pool4.run(_every_layout, 4):
         assert worst <= 1e-5 and copies == 2 and layouts_seen == ["ep", "fsdp", "hsdp", "tp"], (worst, layouts_seen)
 
 
 def _non_contiguous_dtensors_and_ddp(world):
-    """DTensors whose local shards are not contiguous (any mesh, from_local), and DDP-style plain
-    parameters over a subgroup: a subgroup optimizer deep-copies but refuses to be pickled, on every rank."""
+    """DTensors whose local shards are not contiguous (from_local), and copies of a DDP-style optimizer
+    (plain parameters, process_group=WORLD)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     import layouts
 
-    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("a", "b"))
-    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
 
     def dtensors(contiguous):
         out = []
-        for i, (shape, placements) in enumerate([((8, 12), [Shard(0), Shard(1)]), ((3, 10, 6), [Shard(0), Replicate()]),
-                                                 ((12, 6), [Replicate(), Shard(0)])]):
+        for i, (shape, placement) in enumerate([((8, 12), Shard(1)), ((3, 10, 6), Shard(0)), ((12, 6), Replicate())]):
             full = layouts.seeded(shape, 50 + i)
-            local = distribute_tensor(full, mesh, placements)._local_tensor
+            local = distribute_tensor(full, mesh, [placement])._local_tensor
             if not contiguous:  # the same values, column-major in memory
                 local = local.transpose(-1, -2).contiguous().transpose(-1, -2)
-            out.append(nn.Parameter(DTensor.from_local(local, mesh, placements, shape=full.shape,
+            out.append(nn.Parameter(DTensor.from_local(local, mesh, [placement], shape=full.shape,
                                                        stride=full.stride())))
         return out
 
-    results = {}
-    for algorithm in ("muon", "normuon", "muown"):
-        strided, dense = dtensors(False), dtensors(True)
-        assert not any(p._local_tensor.is_contiguous() for p in strided)
-        opts = [dm.DistMuon([{"params": ps, "param_names": ["a", "b", "c"], "algorithm": algorithm}], lr=0.05,
-                            weight_decay=0.1, **FP32) for ps in (strided, dense)]
-        worst = 0.0
-        for step in range(2):
-            for ps in (strided, dense):
-                for i, p in enumerate(ps):
-                    g = layouts.seeded(p.shape, 700 + 10 * step + i)
-                    p.grad = layouts._shard_like(g, p)
-            before = [[p._local_tensor.clone() for p in ps] for ps in (strided, dense)]
-            for o in opts:
-                o.step()
-            for a, b, a0, b0 in zip(strided, dense, *before):
-                d, r = a._local_tensor - a0, b._local_tensor - b0
-                worst = max(worst, float((d - r).norm() / r.norm()))
-        results[algorithm] = worst
+    def groups(ps):
+        return [{"params": [p], "param_names": [a], "algorithm": a} for p, a in zip(ps, ("muon", "normuon", "muown"))]
 
-    # DDP style over a subgroup of two ranks
-    subgroups = [dist.new_group([0, 1]), dist.new_group([2, 3])] if world == 4 else [dist.new_group([0, 1])]
-    group = subgroups[rank // 2]
+    strided, dense = dtensors(False), dtensors(True)
+    assert not any(p._local_tensor.is_contiguous() for p in strided)
+    opts = [dm.DistMuon(groups(ps), lr=0.05, weight_decay=0.1, **FP32) for ps in (strided, dense)]
+    errors = {}
+    for step in range(2):
+        for ps in (strided, dense):
+            for i, p in enumerate(ps):
+                p.grad = layouts._shard_like(layouts.seeded(p.shape, 700 + 10 * step + i), p)
+        before = [[p._local_tensor.clone() for p in ps] for ps in (strided, dense)]
+        for o in opts:
+            o.step()
+        for g, a, b, a0, b0 in zip(groups(strided), strided, dense, *before):
+            d, r = a._local_tensor - a0, b._local_tensor - b0
+            errors[g["algorithm"]] = max(errors.get(g["algorithm"], 0.0), float((d - r).norm() / r.norm()))
+
     ddp = layouts.ddp_entries(world)
-    opt = dm.DistMuon(layouts.groups_for(ddp, [e.param for e in ddp], FP32), lr=0.05, process_group=group)
-    refused = None
-    try:
-        pickle.dumps(opt)
-    except TypeError as e:
-        refused = str(e)
-    twin = copy.deepcopy(opt)
-    assert twin._comm.group is opt._comm.group
-    for o in (opt, twin):
+    opt = dm.DistMuon(layouts.groups_for(ddp, [e.param for e in ddp], FP32), lr=0.05, process_group=dist.group.WORLD)
+    twins = _round_trips(opt)
+    for o in (opt, *twins.values()):
         for i, (e, p) in enumerate(zip(ddp, _all_params(o))):
             p.grad = layouts.seeded(e.full.shape, 900 + i)
-    opt.step(), twin.step()
-    same = all(torch.equal(p, q) for p, q in zip(_all_params(opt), _all_params(twin)))
-    world_opt = dm.DistMuon(layouts.groups_for(ddp, [nn.Parameter(e.full.clone()) for e in ddp], FP32), lr=0.05,
-                            process_group=dist.group.WORLD)
-    unpickled = pickle.loads(pickle.dumps(world_opt))
-    return results, refused, same, unpickled._comm.group is dist.group.WORLD
+        o.step()
+    same = {how: all(torch.equal(p, q) for p, q in zip(_all_params(opt), _all_params(t))) for how, t in twins.items()}
+    groups_found = {how: t._comm.group is dist.group.WORLD for how, t in twins.items()}
+    return errors, same, groups_found, opt.last_step_stats.matrices_owned
 
 
-def test_non_contiguous_dtensors_and_copies_of_ddp_style_optimizers(pool4):
-    for results, refused, same, world_found in pool4.run(_non_contiguous_dtensors_and_ddp, 4):
-        assert max(results.values()) <= 1e-6, results
-        assert refused and "copy.deepcopy(optimizer) works" in refused, refused
-        assert same and world_found
+def test_non_contiguous_dtensors_and_copies_of_ddp_style_optimizers(pool2):
+    results = pool2.run(_non_contiguous_dtensors_and_ddp, 2)
+    for errors, same, groups_found, _ in results:
+        # Muown's fp32 row-norm reductions run in memory order: rounding only; the others are bitwise equal
+        assert errors["muon"] == errors["normuon"] == 0.0 and errors["muown"] <= 1e-5, errors
+        assert all(same.values()) and all(groups_found.values()), (same, groups_found)
+    assert all(r[3] > 0 for r in results), "the replicas split the matrices (a real 2-rank optimizer)"
+
+
+def test_an_optimizer_whose_group_cannot_be_found_again_refuses_pickle_but_deep_copies():
+    # process_group= a subgroup (here: ranks (0, 1) of a job that is not running) cannot travel in a pickle
+    from dist_muon import comm
+
+    opt = dm.DistMuon(_mixed(), lr=0.03, **FP32)
+    sentinel = object()
+    opt._comm = comm.CommGroup(sentinel, (0, 1), 0)
+    with pytest.raises(TypeError, match=r"ranks \[0, 1\].*copy\.deepcopy\(optimizer\) works"):
+        pickle.dumps(opt)
+    assert copy.deepcopy(opt)._comm.group is sentinel, "a deepcopy shares the process group"
 
 
 def test_copying_settings_cover_every_attribute_a_step_uses():
