@@ -30,6 +30,15 @@ CONSTRUCTOR_GROUP_KEYS = {
 }
 # DistMuon arguments that configure the whole optimizer, never one group.
 OPTIMIZER_WIDE_KEYS = ("process_group", "owner_policy", "bucket_bytes", "nonfinite_grad", "compile_ns", "cuda_graph")
+# torch.optim group keys with no DistMuon counterpart, and what to do instead.
+_TORCH_OPTIM_KEYS = {
+    "maximize": "minimise the negated objective instead",
+    "foreach": "every step already runs foreach ops; drop the key",
+    "fused": "every step already runs foreach ops; drop the key",
+    "capturable": "DistMuon(cuda_graph=True) captures the step; drop the key",
+    "differentiable": "the step is not differentiable; drop the key",
+    "amsgrad": "AdamW groups follow torch.optim.AdamW without amsgrad; drop the key",
+}
 GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS + tuple(CONSTRUCTOR_GROUP_KEYS)
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -66,6 +75,10 @@ def check_group_keys(options: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: {wide[0]!r} is an optimizer-wide setting, not a group key: pass "
                          f"DistMuon(..., {wide[0]}=...) instead")
     unknown = sorted(set(options) - set(GROUP_KEYS))
+    torch_only = [k for k in unknown if k in _TORCH_OPTIM_KEYS]
+    if torch_only:
+        raise ValueError(f"{where}: {torch_only[0]!r} is a torch.optim option DistMuon does not have: "
+                         f"{_TORCH_OPTIM_KEYS[torch_only[0]]} (docs/torch_optim.md)")
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; known options are {list(GROUP_KEYS)}")
     algorithm = options.get("algorithm")

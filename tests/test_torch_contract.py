@@ -414,6 +414,37 @@ def test_constructor_options_that_mean_nothing_in_a_group_name_the_key_to_use(al
         dm.DistMuon([{"params": [p], "algorithm": algorithm, **options}], lr=0.02)
 
 
+# ----------------------------------------------------------------------------- deliberate differences (docs/torch_optim.md)
+
+
+def test_deliberate_differences_are_refused_naming_what_to_do():
+    c = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    theirs = torch.optim.Muon([c], lr=0.1)
+    c.grad = torch.randn_like(c)
+    with pytest.raises(RuntimeError, match="complex"):
+        theirs.step()  # torch's Muon refuses them too
+    for algorithm in ("muon", "adamw"):
+        with pytest.raises(ValueError, match="complex parameters are not supported.*real parameters"):
+            dm.DistMuon([{"params": [c], "algorithm": algorithm}], lr=0.1)
+    w, b = _params((4, 6), (4,))
+    with pytest.raises(ValueError, match="mixes matrices and vectors without an 'algorithm'; set algorithm or split"):
+        dm.DistMuon([{"params": [w, b]}], lr=0.1)
+    for key, hint in (("maximize", "negated objective"), ("capturable", r"cuda_graph=True"), ("foreach", "drop")):
+        with pytest.raises(ValueError, match=f"'{key}' is a torch.optim option DistMuon does not have: .*{hint}"):
+            dm.DistMuon([{"params": [w], key: True}], lr=0.1)
+    # maximize is the negated objective: the same step with negated gradients, for Muon and AdamW alike
+    ours = dm.DistMuon(_mixed(muown=False), lr=0.03, **FP32)
+    negated = dm.DistMuon(_mixed(muown=False), lr=0.03, **FP32)
+    reference = torch.optim.AdamW([nn.Parameter(p.detach().clone()) for p in _all_params(ours)[3:4]], lr=0.03,
+                                  betas=(0.9, 0.95), weight_decay=0.0, maximize=True)
+    grads = _grads([p.shape for p in _all_params(ours)], 0)
+    up, down = _step_with(ours, grads), _step_with(negated, [-g for g in grads])
+    # the parameters are not negated, so p + u and p - u round differently: an ulp of p, no more
+    assert all(float((u + d).norm() / u.norm()) < 1e-5 for u, d in zip(up, down))
+    (theirs,) = _step_with(reference, grads[3:4])
+    torch.testing.assert_close(down[3], theirs, rtol=1e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------- what already worked
 
 
@@ -428,8 +459,8 @@ def test_step_and_state_dict_hooks_run_as_in_torch():
         opt.register_load_state_dict_pre_hook(lambda o, sd: log.append("load pre first"), prepend=True)
 
     ours, theirs = [], []
-    opt = dm.DistMuon([{"params": _params((4, 6)), "algorithm": "adamw", "lr": 1e-2, "betas": (0.9, 0.999),
-                        "weight_decay": 0.01}], **FP32)
+    opt = dm.DistMuon([{"params": _params((4, 6)), "algorithm": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.01}],
+                      lr=1e-2, **FP32)
     ref = torch.optim.AdamW(_params((4, 6)), lr=1e-2)  # its defaults: betas (0.9, 0.999), weight decay 0.01
     for o, log in ((opt, ours), (ref, theirs)):
         log_hooks(o, log)

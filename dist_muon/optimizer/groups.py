@@ -95,7 +95,9 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(p).__name__}")
         if p.is_complex():
-            raise ValueError(f"{name}: complex parameters are not supported by DistMuon")
+            raise ValueError(f"{name}: complex parameters are not supported by DistMuon (as in torch.optim.Muon): "
+                             "keep the real and imaginary parts as real parameters, or optimize it with torch.optim; "
+                             "see docs/torch_optim.md")
         check_floating_point(name, p)
         if algorithm in MATRIX_ALGORITHMS:
             view_of(out, p, name)
