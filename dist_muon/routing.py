@@ -218,6 +218,7 @@ def route_named_parameters(named: Sequence[tuple[str, torch.Tensor]]) -> list[di
     What needs a module is unknown here (embeddings, conv weights, an output head not named
     ``output``/``lm_head``): those parameters are routed as plain matrices. For a model without
     them the groups, their order and ``param_names`` are exactly ``build_param_groups(model)``'s.
+    Every pair given is kept (a frozen parameter too, as torch.optim keeps what it is given).
     """
     return _grouped(list(named), {}, None, "muon", (), {})
 
