@@ -5,7 +5,9 @@ copies, non-contiguous and named parameters, per-group and tensor learning rates
 as group keys, hooks, state dicts (weights_only loads, older formats), zero_grad, add_param_group, LR
 schedulers, closures, printing and no-op steps. Every test compares DistMuon's update with a
 reference computed here: the same optimizer built the ordinary way, torch.optim's AdamW or
-closed-form values. The distributed tests run each point on every layout (FSDP, HSDP, TP, EP, DDP).
+closed-form values. The distributed tests (one W=2 pool) run each point on every layout in one optimizer:
+FSDP2, HSDP (two replicas), TP alone, EP (experts on their own mesh), plus DTensors with non-contiguous
+local shards and DDP-style replicas.
 """
 
 import copy
@@ -124,7 +126,7 @@ def test_copies_keep_every_setting_and_step_like_the_original(cuda_graph):
 def test_a_copy_has_no_hooks_as_in_torch():
     (w,) = _params((4, 6))
     calls = []
-    ours = dm.DistMuon([w], lr=0.1)
+    ours = dm.DistMuon([{"params": [w]}], lr=0.1)
     theirs = torch.optim.SGD(_params((4, 6)), lr=0.1)
     for opt in (ours, theirs):
         opt.register_step_pre_hook(lambda *a: calls.append("pre"))
@@ -404,7 +406,8 @@ def test_build_param_groups_overrides_named_like_arguments_reach_the_groups_they
         ("adamw", {"normuon_beta2": 0.9}, r"an? adamw group has no beta2: set algorithm='normuon' and use 'beta2'"),
         ("muown", {"normuon_eps": 1e-6}, r"use 'eps'"),
         ("adamw", {"adamw_lr": 1e-3, "lr": 2e-3}, r"adamw_lr=0.001 and lr=0.002 set the same value; give one"),
-        ("muon", {"bucket_bytes": 1 << 20}, r"'bucket_bytes' is an optimizer-wide setting.*DistMuon\(\.\.\., bucket_bytes"),
+        ("muon", {"bucket_bytes": 1 << 20},
+         r"'bucket_bytes' is an optimizer-wide setting.*DistMuon\(\.\.\., bucket_bytes"),
         ("adamw", {"nonfinite_grad": "skip"}, r"DistMuon\(\.\.\., nonfinite_grad=\.\.\.\)"),
     ],
 )
@@ -414,7 +417,7 @@ def test_constructor_options_that_mean_nothing_in_a_group_name_the_key_to_use(al
         dm.DistMuon([{"params": [p], "algorithm": algorithm, **options}], lr=0.02)
 
 
-# ----------------------------------------------------------------------------- deliberate differences (docs/torch_optim.md)
+# ----------------------------------------------------------------------------- deliberate differences (docs)
 
 
 def test_deliberate_differences_are_refused_naming_what_to_do():
