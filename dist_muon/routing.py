@@ -18,7 +18,28 @@ MATRIX_HYPERPARAMETERS = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_d
 ADAMW_HYPERPARAMETERS = ("betas", "eps")
 NORMUON_HYPERPARAMETERS = ("beta2",)  # and eps
 HYPERPARAMETERS = ("lr", "weight_decay") + MATRIX_HYPERPARAMETERS + ADAMW_HYPERPARAMETERS + NORMUON_HYPERPARAMETERS
-GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS
+# DistMuon's constructor defaults of one algorithm's groups, accepted as group keys where they mean
+# something: key -> {algorithm: the group's own key it sets}. Elsewhere DistMuon's error names the key to use.
+CONSTRUCTOR_GROUP_KEYS = {
+    "adamw_lr": {"adamw": "lr"},
+    "adamw_betas": {"adamw": "betas", "muown": "betas"},
+    "adamw_eps": {"adamw": "eps", "muown": "eps"},
+    "adamw_weight_decay": {"adamw": "weight_decay"},
+    "normuon_beta2": {"normuon": "beta2"},
+    "normuon_eps": {"normuon": "eps"},
+}
+# DistMuon arguments that configure the whole optimizer, never one group.
+OPTIMIZER_WIDE_KEYS = ("process_group", "owner_policy", "bucket_bytes", "nonfinite_grad", "compile_ns", "cuda_graph")
+# torch.optim group keys with no DistMuon counterpart, and what to do instead.
+_TORCH_OPTIM_KEYS = {
+    "maximize": "minimise the negated objective instead",
+    "foreach": "every step already runs foreach ops; drop the key",
+    "fused": "every step already runs foreach ops; drop the key",
+    "capturable": "DistMuon(cuda_graph=True) captures the step; drop the key",
+    "differentiable": "the step is not differentiable; drop the key",
+    "amsgrad": "AdamW groups follow torch.optim.AdamW without amsgrad; drop the key",
+}
+GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS + tuple(CONSTRUCTOR_GROUP_KEYS)
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _HEAD_NAMES = ("output", "lm_head")
@@ -49,7 +70,15 @@ def canonical_fqn(name: str) -> str:
 
 
 def check_group_keys(options: Mapping[str, Any], where: str) -> None:
+    wide = [k for k in OPTIMIZER_WIDE_KEYS if k in options]
+    if wide:
+        raise ValueError(f"{where}: {wide[0]!r} is an optimizer-wide setting, not a group key: pass "
+                         f"DistMuon(..., {wide[0]}=...) instead")
     unknown = sorted(set(options) - set(GROUP_KEYS))
+    torch_only = [k for k in unknown if k in _TORCH_OPTIM_KEYS]
+    if torch_only:
+        raise ValueError(f"{where}: {torch_only[0]!r} is a torch.optim option DistMuon does not have: "
+                         f"{_TORCH_OPTIM_KEYS[torch_only[0]]} (docs/torch_optim.md)")
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; known options are {list(GROUP_KEYS)}")
     algorithm = options.get("algorithm")
@@ -92,7 +121,7 @@ def default_route(name: str, param: torch.Tensor, module: nn.Module, head: Optio
         return Route("adamw", "skip_orthogonalization")
     if isinstance(module, nn.Embedding):
         return Route("adamw", "embedding")
-    if module is head or name.rpartition(".")[0].rpartition(".")[2] in _HEAD_NAMES:
+    if (head is not None and module is head) or name.rpartition(".")[0].rpartition(".")[2] in _HEAD_NAMES:
         return Route("adamw", "output head")
     if is_depthwise_conv(param, module):
         return Route("adamw", "depthwise conv")
@@ -136,14 +165,17 @@ def _route(name: str, param: torch.Tensor, module: nn.Module, head: Optional[nn.
            rules: Sequence[Rule], overrides: Mapping[str, Any]) -> tuple[dict, Route]:
     """A parameter's group options and route: a rule's algorithm wins, then the overrides', then the default."""
     rule_index, rule = _match_rule(name, rules)
-    options = {**overrides, **rule}
     if "algorithm" in rule:
         route = Route(rule["algorithm"], f"rules[{rule_index}]")
     elif "algorithm" in overrides:
         route = Route(overrides["algorithm"], "overrides")
     else:
         route = default_route(name, param, module, head, matrix_algorithm)
-    options["algorithm"] = route.algorithm
+    # Overrides are set on every group, so one named like a DistMuon argument (adamw_betas, ...)
+    # reaches only the groups it concerns, as the argument would; a rule's is kept (and checked).
+    concerned = {k: v for k, v in overrides.items()
+                 if k not in CONSTRUCTOR_GROUP_KEYS or route.algorithm in CONSTRUCTOR_GROUP_KEYS[k]}
+    options = {**concerned, **rule, "algorithm": route.algorithm}
     if route.algorithm == "adamw":
         return {k: v for k, v in options.items() if k not in VIEW_KEYS}, route
     return {**options, **conv_view(param, module, options)}, route
@@ -176,15 +208,29 @@ def build_param_groups(model: nn.Module, *, rules: Sequence[Rule] = (), matrix_a
     if "params" in overrides or "param_names" in overrides:
         raise ValueError("build_param_groups overrides cannot set 'params' or 'param_names'")
 
-    owners = _owning_modules(model)
-    head = _vocabulary_head(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return _grouped(trainable, _owning_modules(model), _vocabulary_head(model), matrix_algorithm, rules, overrides)
+
+
+def route_named_parameters(named: Sequence[tuple[str, torch.Tensor]]) -> list[dict]:
+    """``build_param_groups``'s groups for ``(name, parameter)`` pairs without their model.
+
+    What needs a module is unknown here (embeddings, conv weights, an output head not named
+    ``output``/``lm_head``): those parameters are routed as plain matrices. For a model without
+    them the groups, their order and ``param_names`` are exactly ``build_param_groups(model)``'s.
+    Every pair given is kept (a frozen parameter too, as torch.optim keeps what it is given).
+    """
+    return _grouped(list(named), {}, None, "muon", (), {})
+
+
+def _grouped(named: Sequence[tuple[str, torch.Tensor]], owners: Mapping[int, nn.Module], head: Optional[nn.Module],
+             matrix_algorithm: str, rules: Sequence[Rule], overrides: Mapping[str, Any]) -> list[dict]:
+    """Route each (FQN, parameter); parameters with identical options share a group, in parameter order."""
     groups: dict[tuple, dict] = {}
-    for raw_name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for raw_name, param in named:
         name = canonical_fqn(raw_name)
         check_floating_point(name, param)
-        options, route = _route(name, param, owners[id(param)], head, matrix_algorithm, rules, overrides)
+        options, route = _route(name, param, owners.get(id(param)), head, matrix_algorithm, rules, overrides)
         _ROUTES[param] = route
         key = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
         group = groups.setdefault(key, {"params": [], "param_names": [], **options})

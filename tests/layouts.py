@@ -87,6 +87,11 @@ class _TPBlock(nn.Module):
             getattr(self, name).weight.data.copy_(seeded((fan_out, fan_in), seed + i))
 
 
+_TP_OPTIONS = {"qkv.weight": {"split_sizes": (8, 4, 4)}, "gate.weight": {"algorithm": "adamw"},
+               "proj.weight": {"algorithm": "muown"}, "muown_up.weight": {"algorithm": "muown"},
+               "wqkv.weight": {"split_sizes": (2, 2, 2), "interleave": 2}}
+
+
 def tp_entries(world: int, seed: int = 200) -> list[Entry]:
     """FSDP over TP: colwise (→ _StridedShard under FSDP) and rowwise, a colwise fused QKV (plain
     and interleaved: TP holds whole KV groups, FSDP cuts each in the middle of K), and AdamW / Muown parameters
@@ -96,10 +101,16 @@ def tp_entries(world: int, seed: int = 200) -> list[Entry]:
     fulls = {n: p.detach().clone() for n, p in block.named_parameters()}
     parallelize_module(block, mesh["tp"], _TP_PLAN)
     fully_shard(block, mesh=mesh["dp"])
-    options = {"qkv.weight": {"split_sizes": (8, 4, 4)}, "gate.weight": {"algorithm": "adamw"},
-               "proj.weight": {"algorithm": "muown"}, "muown_up.weight": {"algorithm": "muown"},
-               "wqkv.weight": {"split_sizes": (2, 2, 2), "interleave": 2}}
-    return [Entry(f"tp.{n}", p, fulls[n], options.get(n, {})) for n, p in block.named_parameters()]
+    return [Entry(f"tp.{n}", p, fulls[n], _TP_OPTIONS.get(n, {})) for n, p in block.named_parameters()]
+
+
+def tp_only_entries(world: int, seed: int = 250) -> list[Entry]:
+    """Tensor parallel alone on a 1-D mesh of every rank (colwise, rowwise, fused and interleaved QKV)."""
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    block = _TPBlock(seed)
+    fulls = {n: p.detach().clone() for n, p in block.named_parameters()}
+    parallelize_module(block, mesh, _TP_PLAN)
+    return [Entry(f"tp.{n}", p, fulls[n], _TP_OPTIONS.get(n, {})) for n, p in block.named_parameters()]
 
 
 def ep_entries(world: int, seed: int = 300) -> list[Entry]:

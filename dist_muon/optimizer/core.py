@@ -20,16 +20,12 @@ from ..plan import MatrixSpec, Plan, build_plan, spec_fingerprint
 from ..routing import VIEW_KEYS
 from ..views import row_statistic_shape, rows_view
 from ..schedule import local_schedule
-from .groups import (
-    MATRIX_ALGORITHMS,
-    check_policy,
-    complete_group,
-    normalize_param_groups,
-    ns_key,
-    view_of,
-)
+from . import copying
 from .graphed import GraphedMatrixStep
+from .group_keys import current_lrs
+from .groups import MATRIX_ALGORITHMS, check_policy, complete_group, ns_key, view_of
 from .momentum import in_dtypes_of, momentum_
+from .named_params import normalize_param_groups
 from .pipeline import BucketRunner, StepStats
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -47,8 +43,11 @@ class DistMuon(torch.optim.Optimizer):
     See docs/update_rule.md for the exact update rule.
 
     Args:
-        params: param groups (``dm.build_param_groups(model)``), named parameters, or plain tensors.
-        lr, momentum, nesterov, weight_decay: Muon hyperparameters (decoupled weight decay).
+        params: param groups (``dm.build_param_groups(model)``; their params may be ``(name, tensor)``
+            pairs), ``model.named_parameters()``, or plain tensors.
+        lr: the Muon lr and every group's default; optional when every group has its own. A float or a
+            1-element tensor (read at every step: schedulers and in-place changes drive it).
+        momentum, nesterov, weight_decay: Muon hyperparameters (decoupled weight decay).
         ns_method: "polar_express", "quintic" or a list of (a, b, c) triples; ns_steps; ns_dtype.
         adjust_lr: "original" (sqrt(max(1, m/n))), "match_rms_adamw" (0.2·sqrt(max(m, n))) or None.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for "adamw" groups
@@ -65,13 +64,17 @@ class DistMuon(torch.optim.Optimizer):
             ``destroy_process_group``. Not with Muown groups.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
+
+    Any hyperparameter may be a group key; ``adamw_*`` / ``normuon_*`` ones in the groups they concern
+    (see ``group_keys``). ``copy.deepcopy`` and pickle give an optimizer that steps like this one
+    (see ``copying``). Differences from torch.optim: docs/torch_optim.md.
     """
 
     def __init__(
         self,
         params,
         *,
-        lr: float,
+        lr: Optional[float | torch.Tensor] = None,
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
@@ -79,7 +82,7 @@ class DistMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: Any = "auto",
         adjust_lr: Optional[str] = "original",
-        adamw_lr: Optional[float] = None,
+        adamw_lr: Optional[float | torch.Tensor] = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: Optional[float] = None,
@@ -123,6 +126,14 @@ class DistMuon(torch.optim.Optimizer):
         self._check_ranks_agree()
 
     # ------------------------------------------------------------------ groups and state
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **copying.settings_state(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        settings = copying.pop_settings(state)  # None when torch's load_state_dict sets state and groups
+        super().__setstate__(state)
+        copying.finish_setstate(self, settings)
 
     def add_param_group(self, param_group: dict) -> None:
         group = complete_group(param_group, len(self.param_groups), self._group_defaults)
@@ -235,7 +246,7 @@ class DistMuon(torch.optim.Optimizer):
                                     keep_workspace=self.cuda_graph)
         self._rows_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._muown_updates = {
-            pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
+            pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32, memory_format=torch.contiguous_format)
             for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
         }
         if self.cuda_graph:
@@ -271,7 +282,7 @@ class DistMuon(torch.optim.Optimizer):
         """At construction: compare configurations (learning rates included) before any data moves."""
         if self._comm.group is None:
             return
-        record = {**self._agreement, "lr": [repr(g["lr"]) for g in self.param_groups]}
+        record = {**self._agreement, "lr": [repr(lr) for lr in current_lrs(self.param_groups)]}
         digest = torch.tensor(_digest(repr(record)), dtype=torch.int64, device=self._device)
         gathered = [torch.empty_like(digest) for _ in range(self._comm.world)]
         dist.all_gather(gathered, digest, group=self._comm.group)
@@ -303,26 +314,27 @@ class DistMuon(torch.optim.Optimizer):
             self.last_step_stats = StepStats(rank=self._comm.rank, skipped=True)
             return loss
         self._match_gradient_placements()
-        for group in self.param_groups:
+        lrs = current_lrs(self.param_groups)
+        for group, lr in zip(self.param_groups, lrs):
             if group["algorithm"] == "adamw":
-                self._adamw_step(group, has_grad)
+                self._adamw_step(group, lr, has_grad)
         if self._graphed is not None:
-            self.last_step_stats = self._graphed.step(has_grad)
+            self.last_step_stats = self._graphed.step(has_grad, lrs)
             return loss
         entries = self._matrix_params()
-        inputs = self._muon_inputs(entries, has_grad)
+        inputs = self._muon_inputs(entries, has_grad, lrs)
         outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
         rows = self._second_moments()
         inputs += rows
         outputs += rows
-        factors = {gi: (1.0 if g["algorithm"] == "muown" else -g["lr"])
+        factors = {gi: (1.0 if g["algorithm"] == "muown" else -lrs[gi])
                    for gi, g in enumerate(self.param_groups) if g["algorithm"] in MATRIX_ALGORITHMS}
         normuon = {gi: (g["beta2"], g["eps"]) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "normuon"}
         muted = frozenset(pi for pi, (_, _, p, _) in enumerate(entries) if not has_grad[id(p)])
         self.last_step_stats = self._runner.run(inputs, outputs, factors, muted, normuon)
-        for pi, (_, group, p, name) in enumerate(entries):
+        for pi, (gi, group, p, name) in enumerate(entries):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
-                self._muown_finish(group, p, name, self._muown_updates[pi])
+                self._muown_finish(group, lrs[gi], p, name, self._muown_updates[pi])
         return loss
 
     def _match_gradient_placements(self) -> None:
@@ -428,7 +440,7 @@ class DistMuon(torch.optim.Optimizer):
                     return name
         return "a parameter"
 
-    def _adamw_step(self, group: dict, has_grad: dict[int, bool]) -> None:
+    def _adamw_step(self, group: dict, lr: float, has_grad: dict[int, bool]) -> None:
         params = [p for p in group["params"] if has_grad[id(p)]]
         if not params:
             return
@@ -443,11 +455,11 @@ class DistMuon(torch.optim.Optimizer):
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
             [],
             [s["step"] for s in states],
-            foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _muon_inputs(self, entries, has_grad: dict[int, bool]) -> list[torch.Tensor]:
+    def _muon_inputs(self, entries, has_grad: dict[int, bool], lrs: list[float]) -> list[torch.Tensor]:
         """Momentum, Nesterov and weight decay, one foreach op per group; returns each matrix
         parameter's local NS input. Nesterov is formed in place in the gradient's storage (as in
         modded-nanogpt): after ``step()`` a Muon gradient holds ``g.lerp(buf, momentum)``."""
@@ -467,7 +479,7 @@ class DistMuon(torch.optim.Optimizer):
             grads = [comm.local_tensor(p.grad) for p in params]
             grads = in_dtypes_of(grads, bufs)
             ns_inputs = momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
-                                  group["nesterov"], 1.0 - group["lr"] * group["weight_decay"])
+                                  group["nesterov"], 1.0 - lrs[gi] * group["weight_decay"])
             for pi, t in zip(members, ns_inputs):
                 inputs[pi] = t
         return inputs
@@ -489,13 +501,13 @@ class DistMuon(torch.optim.Optimizer):
         update.zero_()
         return comm.local_tensor(u)
 
-    def _muown_finish(self, group: dict, p: torch.Tensor, name: str, update_local: torch.Tensor) -> None:
+    def _muown_finish(self, group: dict, lr: float, p: torch.Tensor, name: str, update_local: torch.Tensor) -> None:
         """v ← v − lr·s·O; g ← Adam(g); W ← g·v/‖v‖; decoupled weight decay on W (g re-synced)."""
         state = self.state[p]
         dims = view_of(group, p, name).row_norm_dims
         v, grad_g = state.pop("_direction"), state.pop("_grad_magnitude")
         update = _like(p, update_local)
-        lr, wd = group["lr"], group["weight_decay"]
+        wd = group["weight_decay"]
         v_new = v - lr * update
         state["step"] += 1
         g = state["magnitude"]

@@ -54,11 +54,12 @@ class GraphedMatrixStep:
 
     # -- every step, eagerly
 
-    def prologue(self, has_grad: dict[int, bool]) -> None:
+    def prologue(self, has_grad: dict[int, bool], lrs: list[float]) -> None:
+        """``lrs``: every param group's current lr (tensor lrs read by the caller)."""
         opt = self.opt
         flags = [has_grad[id(p)] for _, _, p, _ in self.entries]
-        values = [opt.param_groups[gi]["lr"] for gi in self.groups]
-        values += [1 - g["lr"] * g["weight_decay"] if has else 1.0 for (_, g, _, _), has in zip(self.entries, flags)]
+        values = [lrs[gi] for gi in self.groups]
+        values += [1 - lrs[gi] * g["weight_decay"] if has else 1.0 for (gi, g, _, _), has in zip(self.entries, flags)]
         values += [float(has) for has in flags]
         self.host.copy_(torch.tensor(values))
         self.values.copy_(self.host, non_blocking=True)
@@ -71,8 +72,8 @@ class GraphedMatrixStep:
             torch._foreach_copy_([self.grads[i] for i in without],
                                  [comm.local_tensor(opt.state[self.entries[i][2]]["momentum_buffer"]) for i in without])
 
-    def step(self, has_grad: dict[int, bool]):
-        self.prologue(has_grad)
+    def step(self, has_grad: dict[int, bool], lrs: list[float]):
+        self.prologue(has_grad, lrs)
         if self.device.type != "cuda":
             return self.body()
         if self.graph is not None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
 from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
 from ..routing import ALGORITHMS, VIEW_KEYS, check_floating_point, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
+from .group_keys import check_lr, translate_constructor_keys
+from .named_params import split_names
 
 MATRIX_ALGORITHMS = ("muon", "muown", "normuon")
 # View keys every matrix group carries, so every checkpoint has them. Keys added later (interleave)
@@ -23,39 +24,6 @@ NONFINITE_POLICIES = ("raise", "skip")
 def group_label(group: Mapping[str, Any], index: int) -> str:
     names = group.get("param_names") or []
     return f"param group {index} ({names[0]}{', …' if len(names) > 1 else ''})" if names else f"param group {index}"
-
-
-def split_by_ndim(params: list[torch.Tensor], names: Optional[list[str]] = None) -> list[dict]:
-    """Parameters without module types: ndim >= 2 to Muon, the rest to AdamW (names kept if given)."""
-    warnings.warn(
-        "DistMuon got parameters without their modules: ndim >= 2 go to Muon, the rest to AdamW. Embeddings and "
-        "the output head cannot be recognised this way; pass dm.build_param_groups(model) instead.",
-        stacklevel=4,
-    )
-    groups = []
-    for algorithm, is_matrix in (("muon", True), ("adamw", False)):
-        chosen = [i for i, p in enumerate(params) if (p.ndim >= 2) == is_matrix]
-        if chosen:
-            group = {"params": [params[i] for i in chosen], "algorithm": algorithm}
-            if names is not None:
-                group["param_names"] = [names[i] for i in chosen]
-            groups.append(group)
-    return groups
-
-
-def normalize_param_groups(params: Iterable) -> list[dict]:
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of Tensors or dicts, got a single Tensor")
-    items = list(params)
-    if not items:
-        raise ValueError("DistMuon got an empty parameter list")
-    if all(isinstance(x, Mapping) for x in items):
-        return [dict(g) for g in items]
-    if any(isinstance(x, Mapping) for x in items):
-        raise TypeError("params must be all Tensors or all param-group dicts, not a mix")
-    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
-        return split_by_ndim([p for _, p in items], [n for n, _ in items])
-    return split_by_ndim(items)
 
 
 def _check_number(label: str, key: str, value, low: float, high: float = math.inf, high_open: bool = False) -> None:
@@ -81,7 +49,7 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
     check_group_keys(group, f"param group {index}")
     if "params" not in group:
         raise ValueError(f"param group {index} has no 'params'")
-    out = dict(group)
+    out = split_names(group, f"param group {index}")
     params = out["params"]
     out["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
     names = out.get("param_names")
@@ -93,6 +61,8 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
     algorithm = out["algorithm"]
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{label}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
+    out = translate_constructor_keys(out, label)
+    inherits_lr = "lr" not in out
     if algorithm == "adamw":
         for key in VIEW_KEYS:
             if out.get(key) not in (None, False):
@@ -115,13 +85,19 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
                 out.setdefault(key, False if key == "flatten" else None)
             elif out.get(key) is None:
                 out.pop(key, None)
+    if inherits_lr and isinstance(out["lr"], torch.Tensor):
+        # A tensor default becomes each group's own: schedulers fill_ every group's lr in place, and
+        # one shared tensor would give every group the last group's value.
+        out["lr"] = out["lr"].detach().clone()
     validate_hyperparameters(out, label)
     for i, p in enumerate(out["params"]):
         name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(p).__name__}")
         if p.is_complex():
-            raise ValueError(f"{name}: complex parameters are not supported by DistMuon")
+            raise ValueError(f"{name}: complex parameters are not supported by DistMuon (as in torch.optim.Muon): "
+                             "keep the real and imaginary parts as real parameters, or optimize it with torch.optim; "
+                             "see docs/torch_optim.md")
         check_floating_point(name, p)
         if algorithm in MATRIX_ALGORITHMS:
             view_of(out, p, name)
@@ -137,7 +113,9 @@ def _infer_algorithm(params: list[torch.Tensor], label: str) -> str:
 
 
 def validate_hyperparameters(group: dict, label: str) -> None:
-    _check_number(label, "lr", group["lr"], 0.0)
+    fix = ("give the group an lr or pass DistMuon(adamw_lr=...) or DistMuon(lr=...)" if group["algorithm"] == "adamw"
+           else "give the group an lr or pass DistMuon(lr=...)")
+    check_lr(label, group["lr"], fix=fix)
     _check_number(label, "weight_decay", group["weight_decay"], 0.0)
     if "betas" in group:
         group["betas"] = _check_betas(label, group["betas"])

@@ -30,6 +30,7 @@ import torch
 from .. import comm
 from ..numerics import newton_schulz_, normuon_rows_, row_state_dtype
 from ..schedule import INPUT, OUTPUT, BucketSchedule, Copy, Stack, Window
+from .strided import StandIns
 
 
 @dataclass
@@ -151,6 +152,7 @@ class BucketRunner:
         if not keep_workspace:
             self.workspace.release()
         self._outputs: tuple[int, ...] = ()
+        self._standins = StandIns()
         totals = StepStats(rank=group.rank, buckets=len(schedules), workspace_bytes=sum(self.workspace.nbytes))
         for s in self.schedules:
             totals.matrices_owned += s.matrices
@@ -192,10 +194,11 @@ class BucketRunner:
 
     def _bind_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
         """Views into the outputs, remade only when an output's memory moved (``p.data = ...``,
-        FSDP2 resharding, a new tensor)."""
+        FSDP2 resharding, a new tensor). Non-contiguous outputs are viewed through stand-ins."""
         addresses = tuple(t.data_ptr() for t in outputs)
         if addresses == self._outputs:
             return
+        outputs = self._standins.bind(outputs)
         for bucket in self.buckets:
             for copies in (bucket.apply_local, bucket.apply_received, bucket.assign_local, bucket.assign_received):
                 for pos, w in copies.output_dst:
@@ -218,6 +221,7 @@ class BucketRunner:
         """
         stats = StepStats(**self._totals.as_dict())
         self._bind_outputs(outputs)
+        self._standins.enter(outputs)
         if not self.keep_workspace:
             self.workspace.acquire()
         try:
@@ -235,6 +239,7 @@ class BucketRunner:
                 pending = (bucket, self._start_back(bucket, inputs))
             if pending is not None:
                 self._finish_back(*pending, stats)
+            self._standins.leave(outputs)
         finally:
             if not self.keep_workspace:
                 self.workspace.release()
@@ -322,6 +327,4 @@ def _foreach_add(copies: _Copies, inputs) -> None:
 def _output_view(tensor: torch.Tensor, w: Window) -> torch.Tensor:
     if tuple(tensor.shape) == w.shape and w.offset == 0 and tensor.is_contiguous():
         return tensor
-    if not tensor.is_contiguous():
-        raise ValueError(f"DistMuon needs contiguous local shards; got strides {tensor.stride()} for shape {tuple(tensor.shape)}")
     return tensor.as_strided(w.shape, w.strides, tensor.storage_offset() + w.offset)
