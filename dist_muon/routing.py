@@ -18,7 +18,8 @@ MATRIX_HYPERPARAMETERS = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_d
 ADAMW_HYPERPARAMETERS = ("betas", "eps")
 NORMUON_HYPERPARAMETERS = ("beta2",)  # and eps
 HYPERPARAMETERS = ("lr", "weight_decay") + MATRIX_HYPERPARAMETERS + ADAMW_HYPERPARAMETERS + NORMUON_HYPERPARAMETERS
-GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS
+STATE_KEYS = ("state_dtype",)  # how the group's optimizer state is stored
+GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS + STATE_KEYS
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _HEAD_NAMES = ("output", "lm_head")

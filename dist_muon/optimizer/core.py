@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
-from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
 from ..layout import layout_of, widened
@@ -29,8 +28,8 @@ from .groups import (
     view_of,
 )
 from .graphed import GraphedMatrixStep
-from .momentum import in_dtypes_of, momentum_
 from .pipeline import BucketRunner, StepStats
+from .state_dtype import Scratch, check_state_dtype, group_adamw_, group_momentum_, momentum_one_, state_dtype_of
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -63,6 +62,9 @@ class DistMuon(torch.optim.Optimizer):
             second step, replayed after; lr, weight decay and which parameters have gradients stay
             live). On CPU the same code runs eagerly. Call ``release_graph()`` before
             ``destroy_process_group``. Not with Muown groups.
+        state_dtype: the dtype of momentum buffers and AdamW moments (default None: each parameter's
+            own), e.g. ``torch.bfloat16`` with fp32 parameters for half the state memory; the math
+            stays fp32 and the state is rounded once per step (docs/update_rule.md). Per group too.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
     """
@@ -91,6 +93,7 @@ class DistMuon(torch.optim.Optimizer):
         nonfinite_grad: str = "raise",
         compile_ns: bool = False,
         cuda_graph: bool = False,
+        state_dtype: Any = None,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -98,6 +101,7 @@ class DistMuon(torch.optim.Optimizer):
             adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
             normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
+            state_dtype=check_state_dtype(state_dtype, "state_dtype"),
         )
         self._group_defaults = defaults
         self.nonfinite_grad = check_policy(nonfinite_grad)
@@ -111,11 +115,15 @@ class DistMuon(torch.optim.Optimizer):
         self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
         groups = normalize_param_groups(params)
-        torch_defaults = {k: v for k, v in defaults.items() if not k.startswith(("adamw_", "normuon_"))}
+        # Keys a group has only when set stay out of torch's defaults (torch would add them to every group).
+        torch_defaults = {k: v for k, v in defaults.items()
+                          if not k.startswith(("adamw_", "normuon_")) and k != "state_dtype"}
         super().__init__(groups, torch_defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._comm = comm.resolve_comm_group(all_params, process_group)
         self._device = comm.local_tensor(all_params[0]).device
+        # fp32 working copies of low-precision state, a bucket budget at a time
+        self._scratch = Scratch(bucket_bytes, self._device, keep=self.cuda_graph)
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(group, p)
@@ -142,12 +150,13 @@ class DistMuon(torch.optim.Optimizer):
         if state:
             return
         algorithm = group["algorithm"]
+        dtype = state_dtype_of(group, p)
         if algorithm == "adamw":
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             return
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if algorithm == "normuon":
             view = view_of(group, p, "param")
             state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view),
@@ -422,17 +431,14 @@ class DistMuon(torch.optim.Optimizer):
             return
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        locals_ = [comm.local_tensor(p) for p in params]
-        grads = [comm.local_tensor(p.grad) for p in params]
-        adamw_functional(
-            locals_,
-            in_dtypes_of(grads, locals_),
+        group_adamw_(
+            [comm.local_tensor(p) for p in params],
+            [comm.local_tensor(p.grad) for p in params],
             [comm.local_tensor(s["exp_avg"]) for s in states],
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
-            [],
             [s["step"] for s in states],
-            foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            self._scratch, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"],
         )
 
     def _muon_inputs(self, entries, has_grad: dict[int, bool]) -> list[torch.Tensor]:
@@ -453,9 +459,8 @@ class DistMuon(torch.optim.Optimizer):
             params = [entries[pi][2] for pi in members]
             bufs = [comm.local_tensor(self.state[p]["momentum_buffer"]) for p in params]
             grads = [comm.local_tensor(p.grad) for p in params]
-            grads = in_dtypes_of(grads, bufs)
-            ns_inputs = momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
-                                  group["nesterov"], 1.0 - group["lr"] * group["weight_decay"])
+            ns_inputs = group_momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
+                                        group["nesterov"], 1.0 - group["lr"] * group["weight_decay"], self._scratch)
             for pi, t in zip(members, ns_inputs):
                 inputs[pi] = t
         return inputs
@@ -470,10 +475,7 @@ class DistMuon(torch.optim.Optimizer):
             p.float(), p.grad.float(), state["magnitude"], state["direction_norm"], dims
         )
         state["_direction"], state["_grad_magnitude"] = v, _settled(grad_g)
-        buf = state["momentum_buffer"]
-        grad_v = _settled(grad_v).to(buf.dtype)
-        buf.lerp_(grad_v, 1 - group["momentum"])
-        u = grad_v.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        u = momentum_one_(state["momentum_buffer"], _settled(grad_v), group["momentum"], group["nesterov"], p)
         update.zero_()
         return comm.local_tensor(u)
 
@@ -517,10 +519,17 @@ class DistMuon(torch.optim.Optimizer):
         own_dtype = self._state_kept_out_of_torch_cast(state_dict)
         stripped = {pid: {k: v for k, v in st.items() if (pid, k) not in own_dtype} for pid, st in state_dict["state"].items()}
         names = [g.get("param_names") for g in self.param_groups]
+        state_dtypes = [g.get("state_dtype") for g in self.param_groups]
         super().load_state_dict({**state_dict, "state": stripped})
-        for group, own in zip(self.param_groups, names):  # a stage keeps its own members' names
-            if own is not None:
+        for group, own, state_dtype in zip(self.param_groups, names, state_dtypes):
+            if own is not None:  # a stage keeps its own members' names
                 group["param_names"] = own
+            # How state is stored is this optimizer's choice (its tensors have that dtype): a run may
+            # resume an fp32-state checkpoint with bf16 state, or the other way round.
+            if state_dtype is None:
+                group.pop("state_dtype", None)
+            else:
+                group["state_dtype"] = state_dtype
         for (_, key), (param, live_dtype, value) in own_dtype.items():
             self.state[param][key] = value.to(device=param.device, dtype=live_dtype)
         if self._graphed is not None:  # new state tensors: recapture on the addresses they have now

@@ -11,6 +11,7 @@ import torch
 from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
 from ..routing import ALGORITHMS, VIEW_KEYS, check_floating_point, check_group_keys
 from ..views import ADJUST_LR, MatrixView, build_view
+from .state_dtype import check_state_dtype
 
 MATRIX_ALGORITHMS = ("muon", "muown", "normuon")
 # View keys every matrix group carries, so every checkpoint has them. Keys added later (interleave)
@@ -115,6 +116,12 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
                 out.setdefault(key, False if key == "flatten" else None)
             elif out.get(key) is None:
                 out.pop(key, None)
+    # Kept only when set: a checkpoint written before the key existed must still load (as interleave).
+    state_dtype = check_state_dtype(out.get("state_dtype", defaults.get("state_dtype")), label)
+    if state_dtype is None:
+        out.pop("state_dtype", None)
+    else:
+        out["state_dtype"] = state_dtype
     validate_hyperparameters(out, label)
     for i, p in enumerate(out["params"]):
         name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
