@@ -60,6 +60,7 @@ STATE_KEYS = {
     "adamw": ("step", "exp_avg", "exp_avg_sq"),
     "muown": ("momentum_buffer", "step", "magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq"),
     "normuon": ("momentum_buffer", "second_moment"),
+    "muon+adamw blocks": ("momentum_buffer", "step", "exp_avg", "exp_avg_sq"),
 }
 # Param-group keys that change what the optimizer *is* for a parameter, not a tunable value:
 # they must agree between the checkpoint and the running optimizer.

@@ -23,10 +23,12 @@ from .groups import (
     MATRIX_ALGORITHMS,
     check_policy,
     complete_group,
+    has_adamw_blocks,
     normalize_param_groups,
     ns_key,
     view_of,
 )
+from .blocks import LocalRows, local_rows, mixed_step_
 from .graphed import GraphedMatrixStep
 from .pipeline import BucketRunner, StepStats
 from .state_dtype import Scratch, check_state_dtype, group_adamw_, group_momentum_, momentum_one_, state_dtype_of
@@ -157,6 +159,10 @@ class DistMuon(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             return
         state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if has_adamw_blocks(group):  # AdamW's state for the AdamW rows, over the whole parameter (its layout)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if algorithm == "normuon":
             view = view_of(group, p, "param")
             state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view),
@@ -231,6 +237,11 @@ class DistMuon(torch.optim.Optimizer):
         self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns,
                                     keep_workspace=self.cuda_graph)
         self._rows_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # this rank's AdamW / Muon rows of every parameter with AdamW blocks
+        self._local_rows: dict[int, LocalRows] = {
+            pi: local_rows(specs[pi].view, specs[pi].layout, self._comm.rank)
+            for pi, (_, group, _, _) in enumerate(entries) if has_adamw_blocks(group)
+        }
         self._muown_updates = {
             pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32)
             for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
@@ -240,6 +251,10 @@ class DistMuon(torch.optim.Optimizer):
             if muown:
                 raise ValueError(f"cuda_graph=True does not support Muown groups ({muown[0]}, ...): route them to "
                                  "muon/normuon or leave cuda_graph off")
+            mixed = [self._names(g, gi)[0] for gi, g in enumerate(self.param_groups) if has_adamw_blocks(g)]
+            if mixed:
+                raise ValueError(f"cuda_graph=True does not support AdamW blocks in block_algorithms ({mixed[0]}, ...): "
+                                 "leave cuda_graph off for a model with such fused weights")
             self._graphed = GraphedMatrixStep(self, self._runner)
         return plan
 
@@ -459,8 +474,14 @@ class DistMuon(torch.optim.Optimizer):
             params = [entries[pi][2] for pi in members]
             bufs = [comm.local_tensor(self.state[p]["momentum_buffer"]) for p in params]
             grads = [comm.local_tensor(p.grad) for p in params]
-            ns_inputs = group_momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
-                                        group["nesterov"], 1.0 - group["lr"] * group["weight_decay"], self._scratch)
+            decay = 1.0 - group["lr"] * group["weight_decay"]
+            if has_adamw_blocks(group):
+                ns_inputs = mixed_step_(group, [comm.local_tensor(p) for p in params], grads,
+                                        [self.state[p] for p in params], [self._local_rows[pi] for pi in members],
+                                        decay, self._scratch)
+            else:
+                ns_inputs = group_momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
+                                            group["nesterov"], decay, self._scratch)
             for pi, t in zip(members, ns_inputs):
                 inputs[pi] = t
         return inputs
