@@ -1,6 +1,7 @@
 """What bf16 optimizer state costs in quality: torchtitan 0.2.2's llama3 debug model on CPU.
 
     python -m benchmarks.state_dtype_quality --steps 200 --json docs/benchmark_results/state_dtype_quality.json
+    python -m benchmarks.state_dtype_quality --memory --json docs/benchmark_results/state_dtype_memory.json
 
 Two training runs of ``configs/debug_cpu.toml`` (2 CPU ranks, FSDP, ``launch.train``), identical but
 for ``--optimizer.state_dtype``: unset (fp32 state, as the fp32 parameters) and ``bfloat16``. Reported:
@@ -12,6 +13,10 @@ for ``--optimizer.state_dtype``: unset (fp32 state, as the fp32 parameters) and 
   bf16 storage did to the momentum and AdamW moments accumulated so far (the shadow's state is never
   reset). Per step: ``‖Δ_bf16 − Δ_fp32‖ / ‖Δ_fp32‖`` over all parameters and for the worst parameter.
   The fp32 run carries the same shadow as a control (its difference must be 0).
+
+``--memory`` instead measures, by the allocator (``benchmarks.measure``), the optimizer state a
+DistMuon creates for a Llama-shaped set of fp32 parameters and the transient peak of one step, with
+fp32 and with bf16 state (CUDA when available, else CPU).
 
 Comparing the two runs' parameters directly would mostly measure how chaotic training is: any
 perturbation, however small, grows along the trajectory. The losses show that trajectory-level cost;
@@ -182,6 +187,43 @@ def summarize(fp32: dict, bf16: dict, steps: int) -> dict:
     }
 
 
+MEMORY_LAYERS, DIM, FFN, VOCAB = 4, 512, 1536, 8000
+
+
+def memory(device: str) -> dict:
+    """State bytes (what constructing DistMuon keeps) and one step's transient peak, fp32 vs bf16 state."""
+    import torch
+    from torch import nn
+
+    import dist_muon as dm
+    from benchmarks.measure import peak_transient_bytes, retained_and_peak_bytes
+
+    shapes = [(DIM, DIM)] * 4 + [(FFN, DIM), (FFN, DIM), (DIM, FFN)]
+    out = {"device": device, "parameters": f"{MEMORY_LAYERS} layers of dim {DIM}, ffn {FFN}, vocab {VOCAB}, fp32"}
+    for name, state_dtype in (("fp32_state", None), ("bf16_state", torch.bfloat16)):
+        g = torch.Generator(device=device).manual_seed(0)
+        make = lambda *s: nn.Parameter(torch.randn(*s, generator=g, device=device) * 0.02)  # noqa: E731
+        matrices = [make(*s) for _ in range(MEMORY_LAYERS) for s in shapes]
+        others = [make(VOCAB, DIM), make(VOCAB, DIM)] + [make(DIM) for _ in range(2 * MEMORY_LAYERS + 1)]
+        groups = [{"params": matrices, "algorithm": "muon"}, {"params": others, "algorithm": "adamw"}]
+        made = []
+        state, _ = retained_and_peak_bytes(
+            lambda: made.append(dm.DistMuon(groups, lr=0.02, weight_decay=0.01, state_dtype=state_dtype,
+                                            bucket_bytes=16 * 2**20)), device)
+        opt = made[0]
+        for warm in (True, False):
+            for p in matrices + others:
+                p.grad = torch.randn(p.shape, generator=g, device=device)
+            if warm:
+                opt.step()
+        peak = peak_transient_bytes(opt.step, device)
+        params = sum(p.numel() * p.element_size() for p in matrices + others)
+        out[name] = {"parameter_bytes": params, "state_bytes": state, "step_peak_transient_bytes": peak,
+                     "state_plus_peak_bytes": state + peak}
+    out["state_ratio"] = out["bf16_state"]["state_bytes"] / out["fp32_state"]["state_bytes"]
+    return out
+
+
 def main() -> None:
     if "--worker" in sys.argv:
         worker(sys.argv[sys.argv.index("--worker"):])
@@ -189,7 +231,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--memory", action="store_true", help="measure state memory instead of training")
     args = parser.parse_args()
+    if args.memory:
+        import torch
+
+        result = memory("cuda" if torch.cuda.is_available() else "cpu")
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = run(None, args.steps, Path(tmp))
         bf16 = run("bfloat16", args.steps, Path(tmp))

@@ -192,10 +192,11 @@ def rounded_momentum_(params: list[torch.Tensor], grads: list[torch.Tensor], buf
     unrounded ``w``) is written into the (fp32) gradient's storage, so the scratch is free again
     before orthogonalization starts."""
     grads = [g if g.dtype == WORK_DTYPE else g.to(WORK_DTYPE) for g in grads]
+    pieces = pieces_of(list(zip(bufs, grads)), WORK_DTYPE.itemsize, scratch.budget)
     with scratch.active():
-        for chunk in scratch.chunks([(tuple(b.shape),) for b in bufs], WORK_DTYPE):
+        for chunk in scratch.chunks([(tuple(b.shape),) for b, _ in pieces.tensors], WORK_DTYPE):
             work = [v[0] for v in chunk.views]
-            b, g = bufs[chunk.start:chunk.stop], grads[chunk.start:chunk.stop]
+            b, g = (list(t) for t in zip(*pieces.tensors[chunk.start:chunk.stop]))
             torch._foreach_copy_(work, b)
             torch._foreach_lerp_(work, g, 1 - momentum)
             torch._foreach_copy_(b, work)
@@ -206,6 +207,35 @@ def rounded_momentum_(params: list[torch.Tensor], grads: list[torch.Tensor], buf
     if not isinstance(decay, float) or decay != 1.0:
         torch._foreach_mul_(params, decay)
     return grads
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Members' tensors cut into pieces whose working copies fit the budget: ``tensors[i]`` are
+    matching (flat) views of one member's tensors, ``owner[i]`` that member."""
+
+    tensors: tuple[tuple[torch.Tensor, ...], ...]
+    owner: tuple[int, ...]
+
+
+def pieces_of(members: Sequence[Sequence[torch.Tensor]], bytes_per_element: int, budget: int) -> Pieces:
+    """Elementwise updates may run on parts of a tensor: a member whose working copies
+    (``bytes_per_element`` per element) exceed the budget is cut into flat slices that fit (when
+    its tensors are contiguous), so the scratch never holds a whole embedding's fp32 moments."""
+    tensors, owner = [], []
+    for i, ts in enumerate(members):
+        n = ts[0].numel()
+        parts = -(-n * bytes_per_element // max(1, budget))
+        if parts <= 1 or not all(t.is_contiguous() for t in ts):
+            tensors.append(tuple(ts))
+            owner.append(i)
+            continue
+        size = -(-n // parts)
+        flats = [t.view(-1) for t in ts]
+        for a in range(0, n, size):
+            tensors.append(tuple(f[a:a + size] for f in flats))
+            owner.append(i)
+    return Pieces(tuple(tensors), tuple(owner))
 
 
 def momentum_one_(buf: torch.Tensor, grad: torch.Tensor, momentum: float, nesterov: bool,
@@ -239,19 +269,35 @@ def group_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
         p = [params[i] for i in plain]
         adamw_functional(p, in_dtypes_of([grads[i] for i in plain], p), [exp_avgs[i] for i in plain],
                          [exp_avg_sqs[i] for i in plain], [], [steps[i] for i in plain], **hyper)
-    if not converted:
-        return
-    # one working dtype per call (foreach AdamW needs one dtype): fp32 unless something is wider
-    dtype = work_dtype(*itertools.chain.from_iterable((params[i].dtype, exp_avgs[i].dtype) for i in converted))
-    units = [((tuple(params[i].shape),) * (3 if params[i].dtype != dtype else 2)) for i in converted]
+    for param_dtype in dict.fromkeys(params[i].dtype for i in converted):
+        _converted_adamw_([i for i in converted if params[i].dtype == param_dtype], params, grads, exp_avgs,
+                          exp_avg_sqs, steps, scratch, hyper)
+
+
+def _converted_adamw_(members: list[int], params, grads, exp_avgs, exp_avg_sqs, steps, scratch: Scratch,
+                      hyper: dict) -> None:
+    """AdamW on working copies of one parameter dtype's members, a budget's worth at a time."""
+    # foreach AdamW needs one dtype: fp32, unless something is wider
+    dtype = work_dtype(params[members[0]].dtype, *(exp_avgs[i].dtype for i in members))
+    cast_params = params[members[0]].dtype != dtype
+    g_work = {i: grads[i] if grads[i].dtype == dtype else grads[i].to(dtype) for i in members}
+    pieces = pieces_of([(params[i], g_work[i], exp_avgs[i], exp_avg_sqs[i]) for i in members],
+                       (3 if cast_params else 2) * dtype.itemsize, scratch.budget)
+    # torch's AdamW advances every step tensor it is given: a member's first piece uses its own, the
+    # others a copy of it (taken before the step), so each member's step advances once
+    seen: set[int] = set()
+    piece_steps = []
+    for k in pieces.owner:
+        step = steps[members[k]]
+        piece_steps.append(step if k not in seen else step.clone())
+        seen.add(k)
+    units = [((tuple(t[0].shape),) * (3 if cast_params else 2)) for t in pieces.tensors]
     with scratch.active():
         for chunk in scratch.chunks(units, dtype):
-            members = converted[chunk.start:chunk.stop]
-            m, v = [exp_avgs[i] for i in members], [exp_avg_sqs[i] for i in members]
+            p, g, m, v = (list(t) for t in zip(*pieces.tensors[chunk.start:chunk.stop]))
             m_w, v_w = [views[0] for views in chunk.views], [views[1] for views in chunk.views]
-            p_w = [views[2] if len(views) == 3 else params[i] for i, views in zip(members, chunk.views)]
-            cast = [(views[2], params[i]) for i, views in zip(members, chunk.views) if len(views) == 3]
-            torch._foreach_copy_(m_w + v_w + [w for w, _ in cast], m + v + [p for _, p in cast])
-            g_w = [grads[i] if grads[i].dtype == dtype else grads[i].to(dtype) for i in members]
-            adamw_functional(p_w, g_w, m_w, v_w, [], [steps[i] for i in members], **hyper)
-            torch._foreach_copy_(m + v + [p for _, p in cast], m_w + v_w + [w for w, _ in cast])
+            p_w = [views[2] for views in chunk.views] if cast_params else p
+            cast = (p_w, p) if cast_params else ([], [])
+            torch._foreach_copy_(m_w + v_w + cast[0], m + v + cast[1])
+            adamw_functional(p_w, g, m_w, v_w, [], piece_steps[chunk.start:chunk.stop], **hyper)
+            torch._foreach_copy_(m + v + cast[1], m_w + v_w + cast[0])
