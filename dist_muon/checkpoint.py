@@ -63,6 +63,7 @@ STATE_KEYS = {
     "adamw": ("step", "exp_avg", "exp_avg_sq"),
     "muown": ("momentum_buffer", "step", "magnitude", "direction_norm", "magnitude_exp_avg", "magnitude_exp_avg_sq"),
     "normuon": ("momentum_buffer", "second_moment"),
+    "muon+adamw blocks": ("momentum_buffer", "step", "exp_avg", "exp_avg_sq"),
 }
 # Param-group keys that change what the optimizer *is* for a parameter, not a tunable value:
 # they must agree between the checkpoint and the running optimizer.
@@ -603,12 +604,19 @@ def load_checkpoint(
     state = training_state_dict(model, optimizer)  # aliases the live tensors: dcp.load writes in place
     state["lr_schedulers"] = [s.state_dict() for s in lr_schedulers]
     state["train_state"] = {"step": 0, "world_size": 0, "extra": {}}
+    # Param-group keys the checkpoint predates (a group key kept only when set, such as interleave or
+    # state_dtype) keep their live values: DCP refuses to load a key the checkpoint lacks.
+    saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+    predated = {k: v for k, v in state["optim"].items() if k.startswith("param_groups.") and "optim." + k not in saved_keys}
+    for key in predated:
+        del state["optim"][key]
     ok, message = True, ""
     try:
         dcp.load(state, checkpoint_id=path)
     except Exception as e:  # noqa: BLE001 - re-raised below with the path, on every rank
         ok, message = False, f"checkpoint {path}: DCP load failed ({type(e).__name__}: {e})"
     _agree(ok, message)
+    state["optim"].update(predated)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"], options=optim_options())
     for scheduler, sd in zip(lr_schedulers, state["lr_schedulers"]):

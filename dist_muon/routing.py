@@ -13,7 +13,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .views import build_view, lr_scale
 
 ALGORITHMS = ("muon", "adamw", "muown", "normuon")
-VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "interleave", "flatten")
+VIEW_KEYS = ("num_experts", "split_sizes", "num_heads", "interleave", "flatten", "block_algorithms")
+# One per split_sizes block of a muon group: Muon blocks are matrices, AdamW blocks elementwise rows.
+BLOCK_ALGORITHMS = ("muon", "adamw")
+# The AdamW blocks' hyperparameters (the optimizer's adamw_* unless the group sets them).
+BLOCK_ADAMW_KEYS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
 MATRIX_HYPERPARAMETERS = ("momentum", "nesterov", "ns_method", "ns_steps", "ns_dtype", "adjust_lr")
 ADAMW_HYPERPARAMETERS = ("betas", "eps")
 NORMUON_HYPERPARAMETERS = ("beta2",)  # and eps
@@ -39,7 +43,10 @@ _TORCH_OPTIM_KEYS = {
     "differentiable": "the step is not differentiable; drop the key",
     "amsgrad": "AdamW groups follow torch.optim.AdamW without amsgrad; drop the key",
 }
-GROUP_KEYS = ("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS + tuple(CONSTRUCTOR_GROUP_KEYS)
+STATE_KEYS = ("state_dtype",)  # how the group's optimizer state is stored
+# (BLOCK_ADAMW_KEYS are constructor keys too: in a muon group with AdamW blocks they stay the blocks' own)
+GROUP_KEYS = (("params", "param_names", "algorithm") + VIEW_KEYS + HYPERPARAMETERS + STATE_KEYS
+              + tuple(CONSTRUCTOR_GROUP_KEYS))
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _HEAD_NAMES = ("output", "lm_head")
@@ -84,6 +91,20 @@ def check_group_keys(options: Mapping[str, Any], where: str) -> None:
     algorithm = options.get("algorithm")
     if algorithm is not None and algorithm not in ALGORITHMS:
         raise ValueError(f"{where}: unknown algorithm {algorithm!r}; use one of {ALGORITHMS}")
+
+
+def view_options(group: Mapping[str, Any], name: str) -> dict:
+    """``build_view`` keyword arguments of a group's view keys (block_algorithms become matrix_blocks)."""
+    options = {k: group[k] for k in VIEW_KEYS if group.get(k) is not None}
+    if "split_sizes" in options:
+        options["split_sizes"] = tuple(options["split_sizes"])
+    blocks = options.pop("block_algorithms", None)
+    if blocks is not None:
+        if isinstance(blocks, str) or not all(b in BLOCK_ALGORITHMS for b in blocks):
+            raise ValueError(f"{name}: block_algorithms must be a list with one of {BLOCK_ALGORITHMS} per "
+                             f"split_sizes block, got {blocks!r}")
+        options["matrix_blocks"] = tuple(b == "muon" for b in blocks)
+    return options
 
 
 def _vocabulary_head(model: nn.Module) -> Optional[nn.Module]:
@@ -263,12 +284,33 @@ def routing_rows(groups: Iterable[Mapping[str, Any]], default_adjust_lr: Optiona
             row = {"fqn": name, "shape": shape, "algorithm": algorithm, "reason": routing_reason(p, algorithm),
                    "matrices": "-", "lr_scale": "-"}
             if algorithm != "adamw":
-                view = build_view(shape, name=name, **{k: group[k] for k in VIEW_KEYS if group.get(k) is not None})
+                view = build_view(shape, name=name, **view_options(group, name))
                 adjust = group.get("adjust_lr", default_adjust_lr)
-                scales = sorted({round(lr_scale(m, n, adjust), 4) for m, n in view.matrix_shapes})
                 row["matrices"] = view.describe()
-                row["lr_scale"] = "/".join(f"{s:g}" for s in scales)
+                row["lr_scale"] = _scales(view.matrix_shapes, adjust)
             rows.append(row)
+            if algorithm != "adamw" and group.get("block_algorithms") is not None:
+                row["algorithm"] = "+".join(dict.fromkeys(group["block_algorithms"]))
+                rows.extend(_block_rows(name, shape, group, adjust))
+    return rows
+
+
+def _scales(shapes, adjust_lr) -> str:
+    return "/".join(f"{s:g}" for s in sorted({round(lr_scale(m, n, adjust_lr), 4) for m, n in shapes}))
+
+
+def _block_rows(name: str, shape: tuple[int, ...], group: Mapping[str, Any], adjust_lr) -> list[dict]:
+    """One row per split_sizes block of a mixed-algorithm group: its algorithm, rows and matrices."""
+    options = {k: v for k, v in view_options(group, name).items() if k != "matrix_blocks"}
+    whole = build_view(shape, name=name, **options)  # every block a matrix: block j is index % blocks
+    blocks = tuple(group["block_algorithms"])
+    rows = []
+    for j, algorithm in enumerate(blocks):
+        shapes = [s for i, s in enumerate(whole.matrix_shapes) if i % len(blocks) == j]
+        described = f"{len(shapes)}×{shapes[0][0]}×{shapes[0][1]}"
+        rows.append({"fqn": f"  {name} block {j}", "shape": described, "algorithm": algorithm,
+                     "reason": "block_algorithms", "matrices": described if algorithm == "muon" else "-",
+                     "lr_scale": _scales(shapes, adjust_lr) if algorithm == "muon" else "-"})
     return rows
 
 
@@ -282,6 +324,8 @@ def routing_report(groups_or_optimizer, default_adjust_lr: Optional[str] = "orig
     widths = {k: max(len(str(r[k])) for r in table) for k in header}
     lines = ["  ".join(str(r[k]).ljust(widths[k]) for k in header).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * widths[k] for k in header))
-    counts = {a: sum(r["algorithm"] == a for r in rows) for a in ALGORITHMS}
-    lines.append(", ".join(f"{n} {a}" for a, n in counts.items() if n))
+    params = [r for r in rows if r["reason"] != "block_algorithms"]
+    counts = {a: sum(r["algorithm"] == a for r in params) for a in ALGORITHMS}
+    mixed = len(params) - sum(counts.values())
+    lines.append(", ".join([f"{n} {a}" for a, n in counts.items() if n] + ([f"{mixed} with blocks"] if mixed else [])))
     return "\n".join(lines)

@@ -6,7 +6,9 @@ stacked along ``row_dim`` in order form the matrix. Most matrices are one block;
 interleaved fused weight (torchtitan's llama3 ``wqkv``: per KV group, Q rows then K then V)
 takes one block from every repeat. Reshaping the stacked box to ``[m, n]`` folds the dims up to
 ``row_dim`` into rows and the rest into columns. The blocks of all matrices tile the tensor
-exactly, so a distributed engine only needs to intersect blocks with shards.
+exactly, so a distributed engine only needs to intersect blocks with shards. With
+``matrix_blocks`` some blocks of a fused weight are no matrices (their rows go to an elementwise
+algorithm): the view lists the matrix blocks and says which rows it leaves out (``excluded_rows``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class MatrixView:
     row_dim: int
     row_sets: tuple[RowSet, ...]
     matrix_shapes: tuple[tuple[int, int], ...]
+    # [start, stop) ranges along row_dim that belong to no matrix (sorted, merged; every expert / lead)
+    excluded_rows: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_matrices(self) -> int:
@@ -150,6 +154,7 @@ def build_view(
     num_heads: Optional[int] = None,
     interleave: Optional[int] = None,
     flatten: bool = False,
+    matrix_blocks: Optional[Sequence[bool]] = None,
 ) -> MatrixView:
     """The matrices of a parameter of ``shape``.
 
@@ -158,6 +163,9 @@ def build_view(
       split_sizes pattern and matrix j is block j of every repeat, in repeat order;
     - 3D ``[E, M, N]``: one matrix per expert (row blocks within each expert allowed);
     - ND (ndim ≥ 4, or 3D with ``flatten=True``): conv-style, ``[shape[0], prod(shape[1:])]``.
+
+    ``matrix_blocks`` (one bool per ``split_sizes`` block): only the True blocks are matrices; the
+    rows of the others are ``excluded_rows`` (a fused weight whose blocks get different algorithms).
     """
     shape = tuple(int(s) for s in shape)
     _check_positive(name, "num_experts", num_experts)
@@ -169,18 +177,48 @@ def build_view(
         )
     if any(s == 0 for s in shape):
         raise ValueError(f"{name}: shape {shape} has an empty dim")
+    if matrix_blocks is not None:
+        _check_matrix_blocks(name, matrix_blocks, split_sizes)
     if len(shape) >= 4 or (len(shape) == 3 and flatten):
         if num_experts or split_sizes or num_heads or interleave:
             raise ValueError(f"{name}: views options do not apply to a flattened {len(shape)}D weight")
         full = tuple((0, s) for s in shape)
         return MatrixView(shape, 0, (RowSet((full,), 0),), ((shape[0], math.prod(shape[1:])),))
     if len(shape) == 2:
-        return _row_set_view(shape, [()], _row_ranges(shape[0], num_experts, split_sizes, num_heads, interleave, name))
-    experts, rows, _ = shape
-    if num_experts is not None and num_experts != experts:
-        raise ValueError(f"{name}: num_experts={num_experts} but the 3D weight has {experts} experts in dim 0")
-    return _row_set_view(shape, [((e, e + 1),) for e in range(experts)],
-                         _row_ranges(rows, None, split_sizes, num_heads, interleave, name))
+        view = _row_set_view(shape, [()], _row_ranges(shape[0], num_experts, split_sizes, num_heads, interleave, name))
+    else:
+        experts, rows, _ = shape
+        if num_experts is not None and num_experts != experts:
+            raise ValueError(f"{name}: num_experts={num_experts} but the 3D weight has {experts} experts in dim 0")
+        view = _row_set_view(shape, [((e, e + 1),) for e in range(experts)],
+                             _row_ranges(rows, None, split_sizes, num_heads, interleave, name))
+    return view if matrix_blocks is None else _only_blocks(view, tuple(bool(b) for b in matrix_blocks))
+
+
+def _check_matrix_blocks(name: str, matrix_blocks: Sequence[bool], split_sizes: Optional[Sequence[int]]) -> None:
+    if split_sizes is None:
+        raise ValueError(f"{name}: per-block algorithms need split_sizes, the row blocks they name")
+    if len(matrix_blocks) != len(split_sizes):
+        raise ValueError(f"{name}: {len(matrix_blocks)} block algorithms for {len(split_sizes)} split_sizes blocks "
+                         f"{tuple(split_sizes)}; give one per block")
+    if not any(matrix_blocks):
+        raise ValueError(f"{name}: no block is a matrix; route the whole parameter to 'adamw' instead")
+
+
+def _only_blocks(view: MatrixView, keep: tuple[bool, ...]) -> MatrixView:
+    """The matrices of ``view`` whose block (matrix index modulo the pattern) is kept, and the rows of
+    the others. Matrices are ordered (lead or expert, block), so block j is matrix index % len(keep)."""
+    kept = [i for i in range(view.num_matrices) if keep[i % len(keep)]]
+    dropped = sorted({b[view.row_dim] for i in range(view.num_matrices) if not keep[i % len(keep)]
+                      for b in view.row_sets[i].blocks})
+    merged: list[list[int]] = []
+    for a, b in dropped:
+        if merged and merged[-1][1] == a:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    return MatrixView(view.shape, view.row_dim, tuple(view.row_sets[i] for i in kept),
+                      tuple(view.matrix_shapes[i] for i in kept), tuple((a, b) for a, b in merged))
 
 
 def _row_set_view(shape: tuple[int, ...], leads: Sequence[Region], per_lead: Sequence[RowRanges]) -> MatrixView:

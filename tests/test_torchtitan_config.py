@@ -75,12 +75,14 @@ def test_cli_overrides_every_field():
         "--optimizer.nonfinite_grad", "skip", "--optimizer.compile_ns", "--optimizer.rules", rules,
         "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon",
         "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7", "--optimizer.cuda_graph",
+        "--optimizer.state_dtype", "bfloat16",
     )
     assert dm_titan.distmuon_kwargs(config.optimizer) == dict(
         lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic", ns_steps=6,
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
         compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7, cuda_graph=True,
+        state_dtype="bfloat16",
     )
     assert config.optimizer.matrix_algorithm == "normuon"
     assert dm_titan.parse_rules(config.optimizer.rules) == [("attention\\.wq", {"lr": 0.01}),
@@ -136,6 +138,7 @@ def test_unknown_optimizer_flag_on_cli_names_it(capsys):
         (["--optimizer.nonfinite_grad", "ignore"], "nonfinite_grad"),
         (["--optimizer.matrix_algorithm", "adam"], "matrix_algorithm"),
         (["--optimizer.normuon_beta2", "1.0"], "normuon_beta2"),
+        (["--optimizer.state_dtype", "int8"], "state_dtype"),
         (["--optimizer.early_step_in_backward"], "early_step_in_backward"),
         (["--optimizer.rules", '[{"pattern": "(unclosed"}]'], "rules[0].pattern"),
         (["--optimizer.rules", '[{"pattern": "wq", "split_size": [1]}]'], "rules[0]"),

@@ -34,7 +34,7 @@ from .pipeline import StepStats
 SETTINGS_KEY = "_dist_muon_settings"
 # Attributes made from the parameters and settings, never copied (see ``restore``).
 REBUILT = ("_comm", "_device", "_graphed", "_plan", "_plan_key", "_digest_cache", "_rows_specs", "_agreement",
-           "_plan_digest", "_runner", "_rows_views", "_muown_updates")
+           "_plan_digest", "_runner", "_rows_views", "_muown_updates", "_scratch", "_local_rows")
 
 
 class SharedRanks:
@@ -107,6 +107,7 @@ def restore(opt, settings: Settings) -> None:
     ranks = settings.ranks
     opt._comm = ranks.group if isinstance(ranks, SharedRanks) else _find_again(params, ranks.ranks)
     opt._device = comm.local_tensor(params[0]).device
+    opt._scratch = opt._new_scratch()
     opt._graphed, opt._plan, opt._plan_key, opt._digest_cache = None, None, None, (None, None)
     opt._warned_capturable_if_run_uncaptured = True  # what torch.optim.Optimizer.__init__ sets
     opt._ensure_plan()

@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
-from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
 from ..layout import layout_of, widened
@@ -21,12 +20,13 @@ from ..routing import VIEW_KEYS
 from ..views import row_statistic_shape, rows_view
 from ..schedule import local_schedule
 from . import copying
+from .blocks import LocalRows, local_rows, mixed_step_
 from .graphed import GraphedMatrixStep
 from .group_keys import current_lrs
-from .groups import MATRIX_ALGORITHMS, check_policy, complete_group, ns_key, view_of
-from .momentum import in_dtypes_of, momentum_
+from .groups import MATRIX_ALGORITHMS, check_policy, complete_group, has_adamw_blocks, ns_key, view_of
 from .named_params import normalize_param_groups
 from .pipeline import BucketRunner, StepStats
+from .state_dtype import Scratch, check_state_dtype, group_adamw_, group_momentum_, momentum_one_, state_dtype_of
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -62,6 +62,9 @@ class DistMuon(torch.optim.Optimizer):
             second step, replayed after; lr, weight decay and which parameters have gradients stay
             live). On CPU the same code runs eagerly. Call ``release_graph()`` before
             ``destroy_process_group``. Not with Muown groups.
+        state_dtype: the dtype of momentum buffers and AdamW moments (default None: each parameter's
+            own), e.g. ``torch.bfloat16`` with fp32 parameters for half the state memory; the math
+            stays fp32 and the state is rounded once per step (docs/update_rule.md). Per group too.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
 
@@ -94,6 +97,7 @@ class DistMuon(torch.optim.Optimizer):
         nonfinite_grad: str = "raise",
         compile_ns: bool = False,
         cuda_graph: bool = False,
+        state_dtype: Any = None,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -101,6 +105,7 @@ class DistMuon(torch.optim.Optimizer):
             adamw_lr=lr if adamw_lr is None else adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
             normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
+            state_dtype=check_state_dtype(state_dtype, "state_dtype"),
         )
         self._group_defaults = defaults
         self.nonfinite_grad = check_policy(nonfinite_grad)
@@ -114,16 +119,23 @@ class DistMuon(torch.optim.Optimizer):
         self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
         groups = normalize_param_groups(params)
-        torch_defaults = {k: v for k, v in defaults.items() if not k.startswith(("adamw_", "normuon_"))}
+        # Keys a group has only when set stay out of torch's defaults (torch would add them to every group).
+        torch_defaults = {k: v for k, v in defaults.items()
+                          if not k.startswith(("adamw_", "normuon_")) and k != "state_dtype"}
         super().__init__(groups, torch_defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._comm = comm.resolve_comm_group(all_params, process_group)
         self._device = comm.local_tensor(all_params[0]).device
+        self._scratch = self._new_scratch()
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(group, p)
         self._ensure_plan()
         self._check_ranks_agree()
+
+    def _new_scratch(self) -> Scratch:
+        """fp32 working copies of low-precision state, a bucket budget at a time."""
+        return Scratch(self.bucket_bytes, self._device, keep=self.cuda_graph)
 
     # ------------------------------------------------------------------ groups and state
 
@@ -153,12 +165,17 @@ class DistMuon(torch.optim.Optimizer):
         if state:
             return
         algorithm = group["algorithm"]
+        dtype = state_dtype_of(group, p)
         if algorithm == "adamw":
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             return
-        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if has_adamw_blocks(group):  # AdamW's state for the AdamW rows, over the whole parameter (its layout)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if algorithm == "normuon":
             view = view_of(group, p, "param")
             state["second_moment"] = _zeros_like_layout(p, row_statistic_shape(view),
@@ -245,6 +262,11 @@ class DistMuon(torch.optim.Optimizer):
         self._runner = BucketRunner(local_schedule(plan, self._comm.rank), self._comm, self._device, self.compile_ns,
                                     keep_workspace=self.cuda_graph)
         self._rows_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # this rank's AdamW / Muon rows of every parameter with AdamW blocks
+        self._local_rows: dict[int, LocalRows] = {
+            pi: local_rows(specs[pi].view, specs[pi].layout, self._comm.rank)
+            for pi, (_, group, _, _) in enumerate(entries) if has_adamw_blocks(group)
+        }
         self._muown_updates = {
             pi: torch.zeros_like(comm.local_tensor(p), dtype=torch.float32, memory_format=torch.contiguous_format)
             for pi, (_, group, p, _) in enumerate(entries) if group["algorithm"] == "muown"
@@ -254,6 +276,10 @@ class DistMuon(torch.optim.Optimizer):
             if muown:
                 raise ValueError(f"cuda_graph=True does not support Muown groups ({muown[0]}, ...): route them to "
                                  "muon/normuon or leave cuda_graph off")
+            mixed = [self._names(g, gi)[0] for gi, g in enumerate(self.param_groups) if has_adamw_blocks(g)]
+            if mixed:
+                raise ValueError(f"cuda_graph=True does not support AdamW blocks in block_algorithms ({mixed[0]}, ...): "
+                                 "leave cuda_graph off for a model with such fused weights")
             self._graphed = GraphedMatrixStep(self, self._runner)
         return plan
 
@@ -446,17 +472,13 @@ class DistMuon(torch.optim.Optimizer):
             return
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        locals_ = [comm.local_tensor(p) for p in params]
-        grads = [comm.local_tensor(p.grad) for p in params]
-        adamw_functional(
-            locals_,
-            in_dtypes_of(grads, locals_),
+        group_adamw_(
+            [comm.local_tensor(p) for p in params],
+            [comm.local_tensor(p.grad) for p in params],
             [comm.local_tensor(s["exp_avg"]) for s in states],
             [comm.local_tensor(s["exp_avg_sq"]) for s in states],
-            [],
             [s["step"] for s in states],
-            foreach=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            self._scratch, beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=group["eps"],
         )
 
     def _muon_inputs(self, entries, has_grad: dict[int, bool], lrs: list[float]) -> list[torch.Tensor]:
@@ -477,9 +499,14 @@ class DistMuon(torch.optim.Optimizer):
             params = [entries[pi][2] for pi in members]
             bufs = [comm.local_tensor(self.state[p]["momentum_buffer"]) for p in params]
             grads = [comm.local_tensor(p.grad) for p in params]
-            grads = in_dtypes_of(grads, bufs)
-            ns_inputs = momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
-                                  group["nesterov"], 1.0 - lrs[gi] * group["weight_decay"])
+            decay = 1.0 - lrs[gi] * group["weight_decay"]
+            if has_adamw_blocks(group):
+                ns_inputs = mixed_step_(group, [comm.local_tensor(p) for p in params], grads,
+                                        [self.state[p] for p in params], [self._local_rows[pi] for pi in members],
+                                        decay, self._scratch)
+            else:
+                ns_inputs = group_momentum_([comm.local_tensor(p) for p in params], grads, bufs, group["momentum"],
+                                            group["nesterov"], decay, self._scratch)
             for pi, t in zip(members, ns_inputs):
                 inputs[pi] = t
         return inputs
@@ -494,10 +521,7 @@ class DistMuon(torch.optim.Optimizer):
             p.float(), p.grad.float(), state["magnitude"], state["direction_norm"], dims
         )
         state["_direction"], state["_grad_magnitude"] = v, _settled(grad_g)
-        buf = state["momentum_buffer"]
-        grad_v = _settled(grad_v).to(buf.dtype)
-        buf.lerp_(grad_v, 1 - group["momentum"])
-        u = grad_v.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+        u = momentum_one_(state["momentum_buffer"], _settled(grad_v), group["momentum"], group["nesterov"], p)
         update.zero_()
         return comm.local_tensor(u)
 
@@ -541,10 +565,17 @@ class DistMuon(torch.optim.Optimizer):
         own_dtype = self._state_kept_out_of_torch_cast(state_dict)
         stripped = {pid: {k: v for k, v in st.items() if (pid, k) not in own_dtype} for pid, st in state_dict["state"].items()}
         names = [g.get("param_names") for g in self.param_groups]
+        state_dtypes = [g.get("state_dtype") for g in self.param_groups]
         super().load_state_dict({**state_dict, "state": stripped})
-        for group, own in zip(self.param_groups, names):  # a stage keeps its own members' names
-            if own is not None:
+        for group, own, state_dtype in zip(self.param_groups, names, state_dtypes):
+            if own is not None:  # a stage keeps its own members' names
                 group["param_names"] = own
+            # How state is stored is this optimizer's choice (its tensors have that dtype): a run may
+            # resume an fp32-state checkpoint with bf16 state, or the other way round.
+            if state_dtype is None:
+                group.pop("state_dtype", None)
+            else:
+                group["state_dtype"] = state_dtype
         for (_, key), (param, live_dtype, value) in own_dtype.items():
             self.state[param][key] = value.to(device=param.device, dtype=live_dtype)
         if self._graphed is not None:  # new state tensors: recapture on the addresses they have now

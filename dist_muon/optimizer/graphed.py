@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 from .. import comm
-from .momentum import momentum_
 from .pipeline import BucketRunner, Live
+from .state_dtype import WORK_DTYPE, group_momentum_, rounds
 
 
 class GraphedMatrixStep:
@@ -39,8 +39,10 @@ class GraphedMatrixStep:
         self.groups = sorted({gi for gi, _, _, _ in self.entries})
         self.members = {gi: [i for i, (g, _, _, _) in enumerate(self.entries) if g == gi] for gi in self.groups}
         locals_ = [comm.local_tensor(p) for _, _, p, _ in self.entries]
-        self.grads = [torch.empty_like(t, dtype=opt.state[p]["momentum_buffer"].dtype)
-                      for t, (_, _, p, _) in zip(locals_, self.entries)]
+        # in the dtype the momentum math runs in: fp32 for low-precision (rounded) state
+        self.grads = [torch.empty_like(t, dtype=WORK_DTYPE if rounds(buf, p) else buf.dtype)
+                      for t, (_, _, p, _) in zip(locals_, self.entries)
+                      for buf in (opt.state[p]["momentum_buffer"],)]
         # [lr per group | weight-decay factor per parameter | has-gradient mask per parameter]
         self.values = torch.zeros(len(self.groups) + 2 * len(self.entries), device=self.device)
         self.host = torch.zeros_like(self.values, device="cpu", pin_memory=self.device.type == "cuda")
@@ -100,8 +102,8 @@ class GraphedMatrixStep:
             params = [comm.local_tensor(self.entries[i][2]) for i in members]
             bufs = [comm.local_tensor(opt.state[self.entries[i][2]]["momentum_buffer"]) for i in members]
             grads = [self.grads[i] for i in members]
-            ns_inputs = momentum_(params, grads, bufs, group["momentum"], group["nesterov"],
-                                  [self.decay[i] for i in members])
+            ns_inputs = group_momentum_(params, grads, bufs, group["momentum"], group["nesterov"],
+                                        [self.decay[i] for i in members], opt._scratch)
             for i, t in zip(members, ns_inputs):
                 inputs[i] = t
         outputs = [comm.local_tensor(p) for _, _, p, _ in self.entries]

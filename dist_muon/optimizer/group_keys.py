@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..routing import CONSTRUCTOR_GROUP_KEYS, MATRIX_HYPERPARAMETERS
+from ..routing import BLOCK_ADAMW_KEYS, CONSTRUCTOR_GROUP_KEYS, MATRIX_HYPERPARAMETERS
 
 # The keys each algorithm's groups read (besides params, names, algorithm and view options).
 OWN_KEYS = {
@@ -31,7 +31,9 @@ def translate_constructor_keys(group: Mapping[str, Any], label: str) -> dict:
     naming the key to use (``group["algorithm"]`` is known)."""
     algorithm = group["algorithm"]
     out = dict(group)
-    for key in [k for k in group if k in CONSTRUCTOR_GROUP_KEYS]:
+    # a group with block_algorithms keeps adamw_* as its AdamW blocks' own keys (groups._complete_blocks)
+    kept = BLOCK_ADAMW_KEYS if group.get("block_algorithms") is not None else ()
+    for key in [k for k in group if k in CONSTRUCTOR_GROUP_KEYS and k not in kept]:
         value = out.pop(key)
         own = CONSTRUCTOR_GROUP_KEYS[key].get(algorithm)
         if own is None:

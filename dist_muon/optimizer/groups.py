@@ -8,10 +8,11 @@ from typing import Any, Mapping
 import torch
 
 from ..numerics import NSKey, check_ns_dtype, resolve_ns_dtype, resolve_schedule
-from ..routing import ALGORITHMS, VIEW_KEYS, check_floating_point, check_group_keys
+from ..routing import ALGORITHMS, BLOCK_ADAMW_KEYS, VIEW_KEYS, check_floating_point, check_group_keys, view_options
 from ..views import ADJUST_LR, MatrixView, build_view
 from .group_keys import check_lr, translate_constructor_keys
 from .named_params import split_names
+from .state_dtype import check_state_dtype
 
 MATRIX_ALGORITHMS = ("muon", "muown", "normuon")
 # View keys every matrix group carries, so every checkpoint has them. Keys added later (interleave)
@@ -89,7 +90,14 @@ def complete_group(group: Mapping[str, Any], index: int, defaults: Mapping[str, 
         # A tensor default becomes each group's own: schedulers fill_ every group's lr in place, and
         # one shared tensor would give every group the last group's value.
         out["lr"] = out["lr"].detach().clone()
+    # Kept only when set: a checkpoint written before the key existed must still load (as interleave).
+    state_dtype = check_state_dtype(out.get("state_dtype", defaults.get("state_dtype")), label)
+    if state_dtype is None:
+        out.pop("state_dtype", None)
+    else:
+        out["state_dtype"] = state_dtype
     validate_hyperparameters(out, label)
+    _complete_blocks(out, label, defaults)
     for i, p in enumerate(out["params"]):
         name = (names or [None] * len(out["params"]))[i] or f"{label} param {i}"
         if not isinstance(p, torch.Tensor):
@@ -138,10 +146,37 @@ def validate_hyperparameters(group: dict, label: str) -> None:
 
 def view_of(group: Mapping[str, Any], param: torch.Tensor, name: str) -> MatrixView:
     # Only None means "not set": a 0 (or False) given for a count is refused by build_view, not ignored.
-    options = {k: group[k] for k in VIEW_KEYS if group.get(k) is not None}
-    if "split_sizes" in options:
-        options["split_sizes"] = tuple(options["split_sizes"])
-    return build_view(tuple(param.shape), name=name, **options)
+    return build_view(tuple(param.shape), name=name, **view_options(group, name))
+
+
+def has_adamw_blocks(group: Mapping[str, Any]) -> bool:
+    """A muon group some of whose split_sizes blocks are AdamW rows (``block_algorithms``)."""
+    return "adamw" in (group.get("block_algorithms") or ())
+
+
+def _complete_blocks(out: dict, label: str, defaults: Mapping[str, Any]) -> None:
+    """block_algorithms as a tuple (muon groups only); the AdamW blocks' hyperparameters filled in."""
+    blocks = out.get("block_algorithms")
+    if blocks is not None:
+        if out["algorithm"] != "muon":
+            raise ValueError(f"{label}: block_algorithms needs algorithm 'muon' (its blocks are 'muon' or 'adamw'), "
+                             f"got {out['algorithm']!r}")
+        if isinstance(blocks, str):
+            raise ValueError(f"{label}: block_algorithms must be a list, one algorithm per split_sizes block, "
+                             f"got {blocks!r}")
+        out["block_algorithms"] = tuple(blocks)
+    given = [k for k in BLOCK_ADAMW_KEYS if k in out]
+    if not has_adamw_blocks(out):
+        if given:
+            raise ValueError(f"{label}: {given[0]} applies to the 'adamw' blocks of block_algorithms and this group "
+                             "has none; set lr/betas/eps/weight_decay on an 'adamw' group instead")
+        return
+    for key in BLOCK_ADAMW_KEYS:
+        out.setdefault(key, defaults[key])
+    _check_number(label, "adamw_lr", out["adamw_lr"], 0.0)
+    _check_number(label, "adamw_weight_decay", out["adamw_weight_decay"], 0.0)
+    _check_number(label, "adamw_eps", out["adamw_eps"], 0.0)
+    out["adamw_betas"] = _check_betas(label, out["adamw_betas"])
 
 
 def check_policy(nonfinite_grad: str) -> str:

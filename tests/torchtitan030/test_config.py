@@ -62,6 +62,7 @@ def test_cli_overrides_every_field():
         "--optimizer.nonfinite_grad", "skip", "--optimizer.compile_ns", "--optimizer.rules", rules,
         "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon", "--optimizer.attention_view", "heads",
         "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7", "--optimizer.cuda_graph",
+        "--optimizer.state_dtype", "bfloat16",
     )
     opt = config.optimizer
     kwargs = dm_titan.options.distmuon_kwargs(opt, adamw_betas=opt.adamw_betas, adamw_eps=opt.adamw_eps)
@@ -70,6 +71,7 @@ def test_cli_overrides_every_field():
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
         compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7, cuda_graph=True,
+        state_dtype="bfloat16",
     )
     assert (opt.matrix_algorithm, opt.attention_view, opt.log_routing) == ("normuon", "heads", False)
     assert dm_titan.parse_rules(opt.rules) == [("attention\\.wo", {"lr": 0.01}), ("norm", {"algorithm": "adamw"})]
@@ -92,6 +94,7 @@ def test_cli_overrides_every_field():
         (["--optimizer.nonfinite_grad", "ignore"], "nonfinite_grad"),
         (["--optimizer.matrix_algorithm", "adam"], "matrix_algorithm"),
         (["--optimizer.attention_view", "rows"], "attention_view"),
+        (["--optimizer.state_dtype", "int8"], "state_dtype"),
         (["--optimizer.implementation", "fused_opt_states_bf16"], "implementation"),
         (["--optimizer.rules", '[{"pattern": "(unclosed"}]'], "rules[0].pattern"),
         (["--optimizer.rules", '[{"pattern": "wq", "split_size": [1]}]'], "rules[0]"),

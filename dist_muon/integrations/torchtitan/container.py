@@ -86,8 +86,10 @@ def validate(cfg) -> None:
     if cfg.optimizer_factory_kwargs_by_name:
         fail("optimizer_factory_kwargs_by_name", "DistMuon takes no factory arguments; set its fields directly")
     if cfg.implementation not in _IGNORED_IMPLEMENTATIONS:
+        hint = ("; for bf16 optimizer state set state_dtype=\"bfloat16\" instead (Muon momentum and AdamW moments)"
+                if cfg.implementation == "fused_opt_states_bf16" else "")
         fail("implementation", f"{cfg.implementation!r} is an option of torchtitan's Adam/AdamW, not DistMuon's; "
-                               f"use one of {list(_IGNORED_IMPLEMENTATIONS)} (ignored by DistMuon)")
+                               f"use one of {list(_IGNORED_IMPLEMENTATIONS)} (ignored by DistMuon){hint}")
 
 
 def with_missing_group_keys(optim: torch.optim.Optimizer, flat: dict[str, Any]) -> dict[str, Any]:

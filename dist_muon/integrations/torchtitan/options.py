@@ -104,6 +104,11 @@ class DistMuonFields:
     cuda_graph: bool = False
     """Run the Muon/NorMuon part of each step as a captured CUDA graph (lr and weight decay stay live)."""
 
+    state_dtype: Optional[str] = None
+    """dtype of the momentum buffers and AdamW moments: "bfloat16" (half the state memory of fp32
+    parameters; the math stays fp32, the state is rounded once per step), "float16", "float32" or
+    "float64"; unset: each parameter's own dtype. A rule may set it per group."""
+
     rules: RoutingRules = field(default_factory=list)
     """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
     (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
@@ -227,7 +232,19 @@ def validate_fields(cfg) -> None:
                  "on_routing_change"):
         _check_choice(cfg, name, choices[name])
     _check_schedule(cfg, choices)
+    _check_state_dtype(cfg)
     parse_rules(cfg.rules)
+
+
+def _check_state_dtype(cfg) -> None:
+    from dist_muon.optimizer.state_dtype import check_state_dtype
+
+    if cfg.state_dtype is not None and not isinstance(cfg.state_dtype, str):
+        fail("state_dtype", f"expected a dtype name such as \"bfloat16\", got {cfg.state_dtype!r}")
+    try:
+        check_state_dtype(cfg.state_dtype, "state_dtype")
+    except ValueError as e:
+        fail("state_dtype", str(e).removeprefix("state_dtype: "))
 
 
 def parse_rules(rules) -> list[tuple[str, dict]]:
@@ -296,6 +313,7 @@ def distmuon_kwargs(cfg, *, adamw_betas: tuple[float, float], adamw_eps: float) 
         nonfinite_grad=cfg.nonfinite_grad,
         compile_ns=cfg.compile_ns,
         cuda_graph=cfg.cuda_graph,
+        state_dtype=cfg.state_dtype,
     )
     if cfg.bucket_bytes is not None:
         kwargs["bucket_bytes"] = cfg.bucket_bytes
