@@ -123,6 +123,22 @@ def test_copies_keep_every_setting_and_step_like_the_original(cuda_graph):
         assert all(torch.equal(p, q) for p, q in zip(_all_params(opt), _all_params(twin))), how
 
 
+def test_copies_of_low_precision_state_and_mixed_blocks_step_like_the_original():
+    """state_dtype (bf16 state on a scratch) and block_algorithms (AdamW rows) survive a copy: the
+    copy's scratch is its own and its steps equal the original's."""
+    fused, w = _params((12, 6), (8, 12), seed=3)
+    groups = [{"params": [fused], "param_names": ["in_proj"], "algorithm": "muon", "split_sizes": (4, 4, 2, 2),
+               "block_algorithms": ("muon", "muon", "adamw", "adamw"), "adamw_lr": 4e-3},
+              {"params": [w], "param_names": ["w"], "algorithm": "muon"}]
+    opt = dm.DistMuon(groups, lr=0.03, state_dtype=torch.bfloat16, **FP32)
+    _step_with(opt, _grads([fused.shape, w.shape], 0))
+    for how, make in ROUND_TRIPS.items():
+        twin = make(opt)
+        assert twin._scratch is not opt._scratch, how
+        assert all(s["momentum_buffer"].dtype == torch.bfloat16 for s in twin.state.values()), how
+        _same_steps(opt, twin, steps=2, first=1 + 10 * len(how))
+
+
 def test_a_copy_has_no_hooks_as_in_torch():
     (w,) = _params((4, 6))
     calls = []
