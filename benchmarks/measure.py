@@ -39,24 +39,7 @@ def count_ops(fn: Callable[[], object]) -> OpCounter:
 
 def peak_transient_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak bytes allocated during ``fn`` above what was allocated when it started."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return retained_and_peak_bytes(fn, device)[1]
 
 
 def retained_and_peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int, int]:
