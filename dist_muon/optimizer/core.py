@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.optim.adamw import adamw as adamw_functional
 
 from .. import comm
+from .. import qk_clip as qk
 from ..layout import layout_of, widened
 from ..numerics import muown as muown_math
 from ..numerics import row_state_dtype
@@ -65,6 +66,11 @@ class DistMuon(torch.optim.Optimizer):
             ``destroy_process_group``. Not with Muown groups.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
+        qk_clip_threshold, qk_clip_alpha, qk_clip_heads: QK-clip (MuonClip; off by default): after each
+            step, every head whose largest attention logit exceeded τ = ``qk_clip_threshold`` has its
+            query/key rows scaled so that its logits shrink by τ / S_max (α = ``qk_clip_alpha``: the
+            query's share). ``qk_clip_heads``: ``dm.qk_clip.AttentionHeads`` of the model's layers;
+            each forward fills ``opt.qk_clip.max_logits`` (see dist_muon/qk_clip.py, docs/qk_clip.md).
     """
 
     def __init__(
@@ -91,6 +97,9 @@ class DistMuon(torch.optim.Optimizer):
         nonfinite_grad: str = "raise",
         compile_ns: bool = False,
         cuda_graph: bool = False,
+        qk_clip_threshold: Optional[float] = None,
+        qk_clip_alpha: float = 0.5,
+        qk_clip_heads: Sequence[qk.AttentionHeads] = (),
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -110,6 +119,10 @@ class DistMuon(torch.optim.Optimizer):
         self._plan_key: Optional[tuple] = None
         self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
+        qk_clip_heads = tuple(qk_clip_heads or ())
+        qk.check_settings(qk_clip_threshold, qk_clip_alpha, qk_clip_heads)
+        self.qk_clip_threshold, self.qk_clip_alpha = qk_clip_threshold, qk_clip_alpha
+        self._qk_maxima: Optional[torch.Tensor] = None
         groups = normalize_param_groups(params)
         torch_defaults = {k: v for k, v in defaults.items() if not k.startswith(("adamw_", "normuon_"))}
         super().__init__(groups, torch_defaults)
@@ -119,6 +132,11 @@ class DistMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(group, p)
+        names = {id(p): n for gi, g in enumerate(self.param_groups) for p, n in zip(g["params"], self._names(g, gi))}
+        # The heads are fixed for the optimizer's life: the maxima they add to the step's all-reduce
+        # have the same length on every rank once construction agreed on them.
+        self.qk_clip: Optional[qk.QKClip] = (qk.QKClip(qk_clip_heads, names, self._comm, self._device)
+                                             if qk_clip_heads else None)
         self._ensure_plan()
         self._check_ranks_agree()
 
@@ -178,7 +196,7 @@ class DistMuon(torch.optim.Optimizer):
              *(repr(g.get(k)) for k in VIEW_KEYS), tuple(map(id, g["params"])))
             for g in self.param_groups
         )
-        return (self.bucket_bytes, self.owner_policy, groups)
+        return (self.bucket_bytes, self.owner_policy, groups, self.qk_clip_threshold, self.qk_clip_alpha)
 
     def _ensure_plan(self) -> Plan:
         """The plan for the current settings; rebuilt locally (no collective) when they change.
@@ -189,6 +207,8 @@ class DistMuon(torch.optim.Optimizer):
         key = self._current_plan_key()
         if key == self._plan_key:
             return self._plan
+        if self.qk_clip is not None:  # changed after construction: None turns clipping off
+            qk.check_settings(self.qk_clip_threshold, self.qk_clip_alpha, self.qk_clip.heads, optional=True)
         entries = self._matrix_params()
         specs = [
             MatrixSpec(
@@ -253,6 +273,8 @@ class DistMuon(torch.optim.Optimizer):
             "groups": hyper,
             "matrix parameters": [spec_fingerprint(s) for s in specs],
             "adamw parameters": adamw,
+            "qk clip": (repr(self.qk_clip_threshold), repr(self.qk_clip_alpha),
+                        None if self.qk_clip is None else self.qk_clip.row_map.fingerprint),
         }
 
     def _check_ranks_agree(self) -> None:
@@ -289,14 +311,19 @@ class DistMuon(torch.optim.Optimizer):
         has_grad = self._agree_on_gradients()
         if has_grad is None:
             self.last_step_stats = StepStats(rank=self._comm.rank, skipped=True)
+            if self.qk_clip is not None:
+                self.qk_clip.reset()
             return loss
         self._match_gradient_placements()
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, has_grad)
-        if self._graphed is not None:
-            self.last_step_stats = self._graphed.step(has_grad)
-            return loss
+        stats = self._graphed.step(has_grad) if self._graphed is not None else self._matrix_step(has_grad)
+        self.last_step_stats = stats if self.qk_clip is None else self._clip_qk(stats)
+        return loss
+
+    def _matrix_step(self, has_grad: dict[int, bool]) -> StepStats:
+        """The Muon, NorMuon and Muown parameters' step, eagerly."""
         entries = self._matrix_params()
         inputs = self._muon_inputs(entries, has_grad)
         outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
@@ -307,11 +334,23 @@ class DistMuon(torch.optim.Optimizer):
                    for gi, g in enumerate(self.param_groups) if g["algorithm"] in MATRIX_ALGORITHMS}
         normuon = {gi: (g["beta2"], g["eps"]) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "normuon"}
         muted = frozenset(pi for pi, (_, _, p, _) in enumerate(entries) if not has_grad[id(p)])
-        self.last_step_stats = self._runner.run(inputs, outputs, factors, muted, normuon)
+        stats = self._runner.run(inputs, outputs, factors, muted, normuon)
         for pi, (_, group, p, name) in enumerate(entries):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
                 self._muown_finish(group, p, name, self._muown_updates[pi])
-        return loss
+        return stats
+
+    def _clip_qk(self, stats: StepStats) -> StepStats:
+        """QK-clip after the step, from the maxima the step's all-reduce brought (device only; eager
+        also after a CUDA-graph replay, on the same stream); then the maxima buffer starts over."""
+        maxima = self._qk_maxima
+        if self.qk_clip_threshold is None:
+            stats.qk_max_logit = maxima.max()
+        else:
+            result = self.qk_clip.apply(maxima, float(self.qk_clip_threshold), float(self.qk_clip_alpha))
+            stats.qk_max_logit, stats.qk_heads_clipped = result.max_logit, result.heads_clipped
+        self.qk_clip.reset()
+        return stats
 
     def _match_gradient_placements(self) -> None:
         """Gradients laid out like their parameters: under TP torchtitan leaves e.g. an embedding's
@@ -346,9 +385,10 @@ class DistMuon(torch.optim.Optimizer):
         """Which parameters have gradients, whether all are finite, and that every rank runs the same plan.
 
         One all-reduce (MAX) of a fixed-size vector per step, and the step's only host sync:
-        [non-finite count, plan digest, −plan digest, gradient-set digest, −its negation]. Equal
-        digests on every rank make max = −max(−d); any difference makes every rank raise
-        together, before a piece moves. Returns None when the step must be skipped.
+        [non-finite count, plan digest, −plan digest, gradient-set digest, −its negation], then with
+        QK-clip every head's max logit (order-preserving int64 codes: the MAX is the heads' maxima
+        over the ranks). Equal digests on every rank make max = −max(−d); any difference makes
+        every rank raise together, before a piece moves. Returns None when the step must be skipped.
         """
         params = [p for g in self.param_groups for p in g["params"]]
         flags = tuple(p.grad is not None for p in params)
@@ -367,9 +407,15 @@ class DistMuon(torch.optim.Optimizer):
             nonfinite = torch.isinf(norms).logical_or_(torch.isnan(norms)).sum().view(1)
         else:
             nonfinite = torch.zeros(1, dtype=torch.int64, device=self._device)
-        vector = torch.cat([nonfinite.to(self._device), self._digests(flags)])
+        parts = [nonfinite.to(self._device), self._digests(flags)]
+        if self.qk_clip is not None and self._comm.group is not None:
+            parts.append(qk.encode_maxima(self.qk_clip.max_logits))  # reduced by the same all-reduce
+        vector = torch.cat(parts)
         if self._comm.group is not None:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._comm.group)
+        if self.qk_clip is not None:
+            self._qk_maxima = self.qk_clip.max_logits if self._comm.group is None else qk.decode_maxima(vector[5:])
+            vector = vector[:5]
         bad, *digests = vector.tolist()
         plan_ok = digests[0] == -digests[1]
         grads_ok = digests[2] == -digests[3]
