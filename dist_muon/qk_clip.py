@@ -323,6 +323,7 @@ class QKClip:
         self.device = device
         self._slices = {name: slice(a, b) for name, a, b in self.row_map.slices}
         self.max_logits = torch.full((self.row_map.n_heads,), -math.inf, dtype=torch.float32, device=device)
+        self.last_maxima: Optional[torch.Tensor] = None  # the last step's maxima, over the optimizer's ranks
         self._kv_head = torch.tensor(self.row_map.kv_head, dtype=torch.long, device=device)
         self._ones_kv = torch.ones(self.row_map.n_kv_heads, dtype=torch.float32, device=device)
         self._one = torch.ones(1, dtype=torch.float32, device=device)
@@ -372,6 +373,7 @@ class QKClip:
 
     def apply(self, maxima: torch.Tensor, threshold: float, alpha: float) -> ClipResult:
         """Scale this rank's rows by the factors of ``maxima`` (the heads' global maxima)."""
+        self.last_maxima = maxima
         factors, clipped = self.factors(maxima, threshold, alpha)
         if self._scale_views:
             torch.index_select(factors, 0, self._index, out=self._row_scale)

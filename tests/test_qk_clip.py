@@ -459,3 +459,136 @@ def test_ranks_with_different_thresholds_raise_on_every_rank(pool2, change_after
     with pytest.raises(RuntimeError) as info:
         pool2.run(_disagreeing, change_after)
     assert all("RankDisagreement" in msg and "qk clip" in msg for msg in info.value.failures.values())
+
+
+# --------------------------------------------------------------------------- max logits from torchtitan models
+
+SEQ, BATCH = 12, 4
+
+
+def _torchtitan_022() -> bool:
+    from importlib.metadata import version
+
+    return version("torchtitan").startswith("0.2.")
+
+
+torchtitan_022 = pytest.mark.skipif(not _torchtitan_022(), reason="torchtitan 0.2.2 models (0.3.0: tests/torchtitan030)")
+
+
+def tt_model(kind: str) -> nn.Module:
+    """A small torchtitan 0.2.2 model, the same on every rank: llama3 with GQA (4 query heads over 2
+    keys) or deepseek_v3 dense MLA (wq_a/wq_b, yarn softmax scale); q/k weights enlarged so the
+    logits are O(1)."""
+    torch.manual_seed(0)
+    if kind == "llama3":
+        from torchtitan.models.llama3.model.args import TransformerModelArgs
+        from torchtitan.models.llama3.model.model import Transformer
+
+        model = Transformer(TransformerModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                                 max_seq_len=SEQ, rope_theta=10000))
+        big = ("wq", "wk")
+    else:
+        from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+        from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+
+        model = DeepSeekV3Model(DeepSeekV3ModelArgs(
+            vocab_size=64, dim=32, inter_dim=64, n_layers=2, n_dense_layers=2, n_heads=4, q_lora_rank=8,
+            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=SEQ,
+            original_seq_len=SEQ // 2, rope_factor=4, mscale=0.7))
+        big = ("wq_b", "wkv_a", "wkv_b")
+    with torch.no_grad():
+        model.init_weights()
+        for layer in model.layers.values():
+            for name in big:
+                getattr(layer.attention, name).weight.mul_(30)
+    return model
+
+
+def tt_tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+
+
+def explicit_maxima(kind: str) -> torch.Tensor:
+    """Per layer and head, max of the causal q·kᵀ·scale computed whole from the q and k attention
+    receives (captured on one process, full batch)."""
+    model = tt_model(kind)
+    seen = []
+    for layer in model.layers.values():
+        layer.attention.inner_attention.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0], args[1], kwargs.get("scale"))), with_kwargs=True)
+    with torch.no_grad():
+        model(tt_tokens())
+    out = []
+    for q, k, scale in seen:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).double()
+        s = q.double() @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        s = s.masked_fill(~torch.ones(SEQ, SEQ, dtype=torch.bool).tril(), -math.inf)
+        out.append(s.amax(dim=(0, 2, 3)))
+    return torch.cat(out).float()
+
+
+def hook_maxima(kind: str, layout: str) -> list[float]:
+    """The hooks' maxima after a step (reduced over the ranks) on ``layout``; FSDP ranks see
+    different halves of the batch, TP ranks different heads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_muon.integrations.torchtitan import qk_logits
+
+    model = tt_model(kind)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    tokens = tt_tokens()
+    if layout == "fsdp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+        for layer in model.layers.values():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        tokens = tokens.chunk(world)[rank]
+    else:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        if kind == "llama3":
+            from torchtitan.models.llama3.infra.parallelize import apply_tp
+
+            apply_tp(model, mesh, loss_parallel=False, enable_float8_tensorwise_tp=False)
+        else:
+            from torchtitan.models.deepseek_v3.infra.parallelize import apply_non_moe_tp
+
+            apply_non_moe_tp(model, mesh, False, False, False)
+    found = qk_logits.attentions(model)
+    assert [a.name for a in found] == ["layers.0.attention", "layers.1.attention"]
+    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=1e9,
+                      qk_clip_heads=[a.heads for a in found])
+    qk_logits.install(found, opt, qk_logits.BNLH, chunk=5)  # 12 keys: chunks of 5, 5, 2
+    out = model(tokens)
+    (out.float() ** 2).mean().backward()
+    opt.step()
+    return opt.qk_clip.last_maxima.tolist()
+
+
+@torchtitan_022
+@pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_hook_maxima_equal_explicit_qk(pool2, kind, layout):
+    want = explicit_maxima(kind)
+    for got in pool2.run(hook_maxima, kind, layout):
+        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_max_logits_equal_the_whole_computation_with_masks():
+    from dist_muon.integrations.torchtitan.qk_logits import max_logits
+
+    q, k = seeded((2, 6, 9, 4), 1), seeded((2, 3, 9, 4), 2)
+    whole = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+
+    def document(b, h, q_idx, kv_idx):
+        return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+
+    same_doc = (docs[:, :, None] == docs[:, None, :]) & causal
+    for chunk in (1, 4, 9, 20):
+        got = max_logits(q, k, 0.3, chunk=chunk)
+        torch.testing.assert_close(got, whole.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3)))
+        got = max_logits(q, k, 0.3, mask_mod=document, chunk=chunk)
+        torch.testing.assert_close(got, whole.masked_fill(~same_doc[:, None], -math.inf).amax(dim=(0, 2, 3)))
+        torch.testing.assert_close(max_logits(q, k, 0.3, causal=False, chunk=chunk), whole.amax(dim=(0, 2, 3)))

@@ -344,7 +344,10 @@ class DistMuon(torch.optim.Optimizer):
         """QK-clip after the step, from the maxima the step's all-reduce brought (device only; eager
         also after a CUDA-graph replay, on the same stream); then the maxima buffer starts over."""
         maxima = self._qk_maxima
+        if self._comm.group is None:  # the buffer itself: it starts over below
+            maxima = maxima.clone()
         if self.qk_clip_threshold is None:
+            self.qk_clip.last_maxima = maxima
             stats.qk_max_logit = maxima.max()
         else:
             result = self.qk_clip.apply(maxima, float(self.qk_clip_threshold), float(self.qk_clip_alpha))
