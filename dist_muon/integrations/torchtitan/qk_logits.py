@@ -226,6 +226,10 @@ def install(found: list[Attention], opt: dm.DistMuon, layout: str, chunk: int = 
     handles = []
     for attention in found:
         inner = attention.module.inner_attention
+        if "forward" in vars(inner):  # torchtitan 0.3.0's context parallelism replaces it (keys all-gathered inside)
+            raise ValueError(f"QK-clip: {attention.name}'s attention forward is wrapped (context parallelism); the "
+                             "max-logit hook needs every key of a query's sequence on its rank: turn QK-clip or "
+                             "context parallelism off")
         if "varlen" in type(inner).__name__.lower():
             raise ValueError(f"QK-clip: {attention.name} uses varlen attention; the max-logit hook understands SDPA "
                              "and flex attention")

@@ -15,7 +15,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from .layouts import check_backend
-from .reporting import group_lrs, step_stats
+from .reporting import group_lrs, qk_clip_summary, step_stats
 from .resume import validate_before_loading
 
 
@@ -39,6 +39,9 @@ class DistMuonTrainer(Trainer):
         super().train_step(data_iterator)
         if log and (stats := step_stats(self.optimizers)):
             logger.info(f"step {self.step:3d}  DistMuon: {stats}")
+        if log and (clip := qk_clip_summary(self.optimizers, self.parallel_dims,
+                                            getattr(self.config.optimizer, "qk_clip_threshold", None) is not None)):
+            logger.info(f"step {self.step:3d}  {clip}")
 
 
 def _flat_state(part, optimizer) -> dict:
