@@ -351,6 +351,7 @@ class QKClip:
             raise KeyError(f"no attention named {name!r} is registered for QK-clip; known: {list(self._slices)[:4]}"
                            f"{' …' if len(self._slices) > 4 else ''}") from None
 
+    @torch.no_grad()
     def record(self, name: str, maxima: torch.Tensor, first_head: int = 0) -> None:
         """Keep the running max of attention ``name``'s heads ``first_head ..`` (a TP rank's heads)."""
         s = self.slice(name)
@@ -371,6 +372,7 @@ class QKClip:
         query = gamma / key.index_select(0, self._kv_head)
         return torch.cat([query, gamma, key, self._one]), clipped
 
+    @torch.no_grad()
     def apply(self, maxima: torch.Tensor, threshold: float, alpha: float) -> ClipResult:
         """Scale this rank's rows by the factors of ``maxima`` (the heads' global maxima)."""
         self.last_maxima = maxima

@@ -9,6 +9,7 @@ logit on the same inputs is min(S_h, τ).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -508,10 +509,12 @@ def tt_tokens() -> torch.Tensor:
     return torch.randint(0, 64, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
 
 
-def explicit_maxima(kind: str) -> torch.Tensor:
+def explicit_maxima(kind: str, weights: Optional[dict] = None) -> torch.Tensor:
     """Per layer and head, max of the causal q·kᵀ·scale computed whole from the q and k attention
-    receives (captured on one process, full batch)."""
+    receives (captured on one process, full batch), with ``weights`` if given."""
     model = tt_model(kind)
+    if weights is not None:
+        model.load_state_dict(weights)
     seen = []
     for layer in model.layers.values():
         layer.attention.inner_attention.register_forward_pre_hook(
@@ -527,9 +530,10 @@ def explicit_maxima(kind: str) -> torch.Tensor:
     return torch.cat(out).float()
 
 
-def hook_maxima(kind: str, layout: str) -> list[float]:
-    """The hooks' maxima after a step (reduced over the ranks) on ``layout``; FSDP ranks see
-    different halves of the batch, TP ranks different heads."""
+def hook_maxima(kind: str, layout: str, tau: float) -> tuple[list[float], list[float]]:
+    """The hooks' maxima after a step (reduced over the ranks) on ``layout`` (FSDP ranks see
+    different halves of the batch, TP ranks different heads), and after a second step on the same
+    batch: the first step (lr 0) clipped the sharded weights at ``tau``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -556,22 +560,39 @@ def hook_maxima(kind: str, layout: str) -> list[float]:
             apply_non_moe_tp(model, mesh, False, False, False)
     found = qk_logits.attentions(model)
     assert [a.name for a in found] == ["layers.0.attention", "layers.1.attention"]
-    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=1e9,
+    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=tau,
                       qk_clip_heads=[a.heads for a in found])
     qk_logits.install(found, opt, qk_logits.BNLH, chunk=5)  # 12 keys: chunks of 5, 5, 2
-    out = model(tokens)
-    (out.float() ** 2).mean().backward()
-    opt.step()
-    return opt.qk_clip.last_maxima.tolist()
+    maxima = []
+    for step in range(2):
+        out = model(tokens)
+        (out.float() ** 2).mean().backward()
+        opt.step()
+        maxima.append(opt.qk_clip.last_maxima.tolist())
+        if step == 0:  # the weights of the second forward
+            clipped = {n: _full(p.detach()) for n, p in model.named_parameters()}
+    with torch.no_grad():  # evaluation forwards record nothing
+        model(tokens)
+    assert torch.isinf(opt.qk_clip.max_logits).all()
+    return maxima, clipped
 
 
 @torchtitan_022
 @pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
-def test_hook_maxima_equal_explicit_qk(pool2, kind, layout):
+def test_hook_maxima_equal_explicit_qk_and_the_clip_bounds_the_next_forward(pool2, kind, layout):
+    """The maxima equal explicit QKᵀ, before and after a clip of the sharded weights (lr 0: the clip
+    alone changes them). On the same batch, the first layer's heads then peak at min(S_h, τ)
+    exactly (≤ τ·(1 + 1e-3)); later layers' inputs moved with the clip of the layers below (MLA's
+    second layer here: 0.2 % above τ), so their maxima are compared with explicit QKᵀ only."""
     want = explicit_maxima(kind)
-    for got in pool2.run(hook_maxima, kind, layout):
-        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-5, atol=1e-6)
+    tau = float(want.median())
+    heads = len(want) // 2
+    for (first, second), weights in pool2.run(hook_maxima, kind, layout, tau):
+        torch.testing.assert_close(torch.tensor(first), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(second), explicit_maxima(kind, weights), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(second[:heads]), want[:heads].clamp(max=tau), rtol=1e-5, atol=1e-6)
+        assert max(second[:heads]) <= tau * (1 + 1e-3) < max(first[:heads])
 
 
 def test_chunked_max_logits_equal_the_whole_computation_with_masks():

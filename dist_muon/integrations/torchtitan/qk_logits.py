@@ -155,6 +155,8 @@ class MaxLogitHook:
         self.name, self.clip, self.layout, self.chunk = attention.name, clip, layout, chunk
         self.n_heads = attention.heads.n_heads
         self.tp = _tp_coordinate(attention.query_weight)
+        # flex attention without a BlockMask attends everywhere; SDPA's default is causal
+        self.unmasked_is_causal = "flex" not in type(attention.module.inner_attention).__name__.lower()
 
     def __call__(self, module, args, kwargs) -> None:
         if not torch.is_grad_enabled() or _in_backward():
@@ -174,7 +176,8 @@ class MaxLogitHook:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         scale = kwargs.get("scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        maxima = max_logits(q, k, scale, causal=kwargs.get("is_causal", True), mask_mod=mask_mod, chunk=self.chunk)
+        causal = kwargs.get("is_causal", self.unmasked_is_causal)
+        maxima = max_logits(q, k, scale, causal=causal, mask_mod=mask_mod, chunk=self.chunk)
         self.clip.record(self.name, maxima, first_head=first)
 
     def _local(self, t: torch.Tensor, head_dim: int, query: bool = True) -> tuple[torch.Tensor, int]:
