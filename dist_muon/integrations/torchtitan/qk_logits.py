@@ -174,6 +174,12 @@ class MaxLogitHook:
         k, _ = self._local(k, head_dim, query=False)
         if self.layout == BLNH:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+        lengths = getattr(mask, "seq_lengths", None)
+        if lengths is not None and tuple(lengths) != (q.shape[2], k.shape[2]):
+            # 0.3.0's context parallelism all-gathers the keys inside the attention, after this hook
+            raise ValueError(f"QK-clip: {self.name}'s mask is for {tuple(lengths)} query/key positions but the "
+                             f"attention receives {q.shape[2]}/{k.shape[2]} (context parallelism?); the max-logit "
+                             "hook needs every key of a query's sequence on its rank")
         scale = kwargs.get("scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         causal = kwargs.get("is_causal", self.unmasked_is_causal)
@@ -229,10 +235,6 @@ def install(found: list[Attention], opt: dm.DistMuon, layout: str, chunk: int = 
     handles = []
     for attention in found:
         inner = attention.module.inner_attention
-        if "forward" in vars(inner):  # torchtitan 0.3.0's context parallelism replaces it (keys all-gathered inside)
-            raise ValueError(f"QK-clip: {attention.name}'s attention forward is wrapped (context parallelism); the "
-                             "max-logit hook needs every key of a query's sequence on its rank: turn QK-clip or "
-                             "context parallelism off")
         if "varlen" in type(inner).__name__.lower():
             raise ValueError(f"QK-clip: {attention.name} uses varlen attention; the max-logit hook understands SDPA "
                              "and flex attention")
