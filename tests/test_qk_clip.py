@@ -613,3 +613,118 @@ def test_chunked_max_logits_equal_the_whole_computation_with_masks():
         got = max_logits(q, k, 0.3, mask_mod=document, chunk=chunk)
         torch.testing.assert_close(got, whole.masked_fill(~same_doc[:, None], -math.inf).amax(dim=(0, 2, 3)))
         torch.testing.assert_close(max_logits(q, k, 0.3, causal=False, chunk=chunk), whole.amax(dim=(0, 2, 3)))
+
+
+# --------------------------------------------------------------------------- the torchtitan 0.2.2 optimizer builder
+
+
+def _build_022(model, **fields):
+    from types import SimpleNamespace
+
+    from dist_muon.integrations import torchtitan as dm_titan
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    dm_titan.register("llama3")
+    cfg = dm_titan.DistMuonOptimizer(name="DistMuon", lr=0.02, adamw_lr=0.004, log_routing=False, **fields)
+    dims = SimpleNamespace(get_optional_mesh=lambda name: None, ep_enabled=False, pp_enabled=False,
+                           cp_enabled=False, dp_replicate_enabled=False, fsdp_enabled=False)
+    return get_train_spec("llama3").build_optimizers_fn([model], cfg, dims)
+
+
+def _pre_hooks(model) -> int:
+    return sum(len(layer.attention.inner_attention._forward_pre_hooks) for layer in model.layers.values())
+
+
+@torchtitan_022
+def test_the_builder_registers_every_head_installs_the_hooks_and_logs_the_clip():
+    from dist_muon.integrations.torchtitan.reporting import qk_clip_summary
+
+    model = tt_model("llama3")
+    (opt,) = _build_022(model, qk_clip_threshold=5.0, qk_clip_chunk=4)
+    assert opt.qk_clip.n_heads == 2 * 4 and _pre_hooks(model) == 2
+    want = explicit_maxima("llama3")
+    (model(tt_tokens()).float() ** 2).mean().backward()
+    opt.step()
+    torch.testing.assert_close(opt.qk_clip.last_maxima, want, rtol=1e-5, atol=1e-6)
+    line = qk_clip_summary([opt], None, enabled=True)
+    assert line == f"QK-clip: max logit {float(want.max()):.4g}, heads clipped {int((want > 5.0).sum())}"
+
+
+@torchtitan_022
+def test_off_by_default_in_torchtitan_no_hook_and_no_log_line():
+    from dist_muon.integrations.torchtitan.reporting import qk_clip_summary
+
+    model = tt_model("llama3")
+    (opt,) = _build_022(model)
+    assert opt.qk_clip is None and _pre_hooks(model) == 0
+    assert qk_clip_summary([opt], None, enabled=False) == ""
+
+
+@torchtitan_022
+def test_qk_norm_models_and_unsupported_parallelism_are_refused():
+    from types import SimpleNamespace
+
+    from dist_muon.integrations.torchtitan import ConfigError, DistMuonOptimizer
+    from dist_muon.integrations.torchtitan.options import check_qk_clip_parallelism
+    from dist_muon.integrations.torchtitan.qk_logits import attentions
+    from torchtitan.models.qwen3.model.args import Qwen3ModelArgs
+    from torchtitan.models.qwen3.model.model import Qwen3Model
+
+    qwen = Qwen3Model(Qwen3ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=64,
+                                     max_seq_len=SEQ))
+    with pytest.raises(ValueError, match="QK-norm"):
+        attentions(qwen)
+    cfg = DistMuonOptimizer(name="DistMuon", qk_clip_threshold=10.0)
+    dims = dict(cp_enabled=False, dp_replicate_enabled=False, fsdp_enabled=True)
+    check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "dp_replicate_enabled": True}))  # HSDP
+    with pytest.raises(ConfigError, match="context parallelism"):
+        check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "cp_enabled": True}))
+    with pytest.raises(ConfigError, match="pure DDP"):
+        check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "dp_replicate_enabled": True, "fsdp_enabled": False}))
+    check_qk_clip_parallelism(DistMuonOptimizer(name="DistMuon"), SimpleNamespace(**{**dims, "cp_enabled": True}))
+
+
+# --------------------------------------------------------------------------- training (torchrun, 2 CPU ranks)
+
+TRAIN_STEPS, TRAIN_LR, TRAIN_TAU = 12, 0.1, 3.0
+
+
+@pytest.mark.slow
+@torchtitan_022
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo end-to-end test")
+def test_training_the_debug_model_with_qk_clip_bounds_the_max_logit(launcher, tmp_path):
+    """llama3 debugmodel, FSDP 2 on 2 CPU ranks, constant lr 0.1: without clipping (the hook records,
+    τ = 1e9 clips nothing) the max logit grows past 2τ; with τ the runs are identical up to the
+    first clip, the max logit stays at or below the unclipped run's from then on (well below at the
+    end) and the loss is no worse (mean over the run, within 1 %).
+    Each logged max logit is that of the step's own forward: the weights the previous update and
+    clip left (docs/qk_clip.md has the 40-step curves)."""
+    from benchmarks.qk_clip import parse
+    from benchmarks.qk_clip import train_args as qk_train_args
+    from harness import collective_timeout_args
+    from test_torchtitan_e2e import launch_env, torchrun
+
+    jobs = {}
+    for name, tau in (("clipped", TRAIN_TAU), ("unclipped", 1e9)):
+        args = qk_train_args(str(tmp_path / name), TRAIN_STEPS, TRAIN_LR, tau)
+        cmd = torchrun("--standalone", "--nproc_per_node=2", "-m", "launch.train", *args, *collective_timeout_args())
+        jobs[name] = launcher.start(cmd, tmp_path / f"{name}.log", env=launch_env(tmp_path), name=name)
+    runs = {}
+    for name, job in jobs.items():
+        rc, log = job.wait()
+        assert rc == 0, f"{name} failed (rc={rc}):\n{log[-6000:]}"
+        runs[name] = parse(log)
+        assert sorted(runs[name]["max_logit"]) == list(range(1, TRAIN_STEPS + 1)), runs[name]
+    clipped, unclipped = runs["clipped"], runs["unclipped"]
+    assert max(unclipped["max_logit"].values()) > 2 * TRAIN_TAU and not any(unclipped["heads_clipped"].values())
+    first = min(s for s, n in clipped["heads_clipped"].items() if n > 0)
+    assert first < TRAIN_STEPS - 3
+    for s in range(1, first + 1):  # nothing differs before the first clip (every factor is exactly 1)
+        assert clipped["loss"][s] == unclipped["loss"][s] and clipped["max_logit"][s] == unclipped["max_logit"][s]
+        assert (clipped["max_logit"][s] > TRAIN_TAU) == (s == first)
+    after = range(first + 1, TRAIN_STEPS + 1)
+    # a head the clip has not touched can hold the maximum for a while (equal, then)
+    assert all(clipped["max_logit"][s] <= unclipped["max_logit"][s] for s in after), (clipped, unclipped)
+    assert clipped["max_logit"][TRAIN_STEPS] < unclipped["max_logit"][TRAIN_STEPS] / 1.5
+    mean = {n: sum(r["loss"].values()) / TRAIN_STEPS for n, r in runs.items()}
+    assert mean["clipped"] <= mean["unclipped"] * 1.01, mean
