@@ -1,5 +1,6 @@
 """dist_muon: a DTensor/FSDP2-native distributed Muon optimizer."""
 
+from . import qk_clip
 from .numerics import orthogonalize
 from .optimizer import DistMuon, RankDisagreement, StepStats
 from .routing import build_param_groups, canonical_fqn, routing_report
@@ -14,6 +15,7 @@ __all__ = [
     "canonical_fqn",
     "lr_scale",
     "orthogonalize",
+    "qk_clip",
     "routing_report",
 ]
 __version__ = "0.1.0"

@@ -770,5 +770,5 @@ def test_copying_settings_cover_every_attribute_a_step_uses():
     opt = dm.DistMuon(_mixed(), lr=0.03, **FP32)
     torch_own = set(vars(torch.optim.SGD(_params((2, 2)), lr=0.1)))
     settings = {"_group_defaults", "nonfinite_grad", "owner_policy", "bucket_bytes", "compile_ns", "cuda_graph",
-                "last_step_stats"}
+                "qk_clip_threshold", "qk_clip_alpha", "last_step_stats"}
     assert set(vars(opt)) - torch_own == settings | set(copying.REBUILT)

@@ -59,7 +59,9 @@ def test_shipped_configs_parse_and_validate(path):
 def test_every_distmuon_argument_is_a_config_field():
     """Guards against the core growing a constructor argument the TOML cannot set."""
     covered = set(dm_titan.distmuon_kwargs(dm_titan.DistMuonOptimizer(name="DistMuon"))) | {"bucket_bytes"}
-    wanted = set(inspect.signature(dm.DistMuon).parameters) - {"params", "params_or_groups", "process_group"}
+    # qk_clip_heads come from the model (routing.py finds the attention layers), not from a field.
+    wanted = set(inspect.signature(dm.DistMuon).parameters) - {"params", "params_or_groups", "process_group",
+                                                                "qk_clip_heads"}
     assert wanted <= covered, f"DistMuon arguments without an [optimizer] field: {wanted - covered}"
 
 
@@ -76,6 +78,7 @@ def test_cli_overrides_every_field():
         "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon",
         "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7", "--optimizer.cuda_graph",
         "--optimizer.state_dtype", "bfloat16",
+        "--optimizer.qk_clip_threshold", "50", "--optimizer.qk_clip_alpha", "0.25", "--optimizer.qk_clip_chunk", "64",
     )
     assert dm_titan.distmuon_kwargs(config.optimizer) == dict(
         lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.1, ns_method="quintic", ns_steps=6,
@@ -83,7 +86,9 @@ def test_cli_overrides_every_field():
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
         compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7, cuda_graph=True,
         state_dtype="bfloat16",
+        qk_clip_threshold=50.0, qk_clip_alpha=0.25,
     )
+    assert config.optimizer.qk_clip_chunk == 64
     assert config.optimizer.matrix_algorithm == "normuon"
     assert dm_titan.parse_rules(config.optimizer.rules) == [("attention\\.wq", {"lr": 0.01}),
                                                             ("norm", {"algorithm": "adamw"})]
@@ -139,6 +144,10 @@ def test_unknown_optimizer_flag_on_cli_names_it(capsys):
         (["--optimizer.matrix_algorithm", "adam"], "matrix_algorithm"),
         (["--optimizer.normuon_beta2", "1.0"], "normuon_beta2"),
         (["--optimizer.state_dtype", "int8"], "state_dtype"),
+        (["--optimizer.qk_clip_threshold", "0"], "qk_clip_threshold"),
+        (["--optimizer.qk_clip_threshold", "-5"], "qk_clip_threshold"),
+        (["--optimizer.qk_clip_alpha", "1.5"], "qk_clip_alpha"),
+        (["--optimizer.qk_clip_chunk", "0"], "qk_clip_chunk"),
         (["--optimizer.early_step_in_backward"], "early_step_in_backward"),
         (["--optimizer.rules", '[{"pattern": "(unclosed"}]'], "rules[0].pattern"),
         (["--optimizer.rules", '[{"pattern": "wq", "split_size": [1]}]'], "rules[0]"),

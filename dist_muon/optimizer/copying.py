@@ -34,7 +34,8 @@ from .pipeline import StepStats
 SETTINGS_KEY = "_dist_muon_settings"
 # Attributes made from the parameters and settings, never copied (see ``restore``).
 REBUILT = ("_comm", "_device", "_graphed", "_plan", "_plan_key", "_digest_cache", "_rows_specs", "_agreement",
-           "_plan_digest", "_runner", "_rows_views", "_muown_updates", "_scratch", "_local_rows")
+           "_plan_digest", "_runner", "_rows_views", "_muown_updates", "_scratch", "_local_rows",
+           "qk_clip", "_qk_maxima")
 
 
 class SharedRanks:
@@ -69,6 +70,9 @@ class Settings:
     bucket_bytes: int
     compile_ns: bool
     cuda_graph: bool
+    qk_clip_threshold: Optional[float]
+    qk_clip_alpha: float
+    qk_clip_heads: tuple  # qk_clip.AttentionHeads, by parameter name
     last_step_stats: Optional[StepStats]
     ranks: Any  # SharedRanks, or PortableRanks once unpickled
 
@@ -88,6 +92,8 @@ def settings_state(opt) -> dict:
     return {SETTINGS_KEY: Settings(
         group_defaults=dict(opt._group_defaults), nonfinite_grad=opt.nonfinite_grad, owner_policy=opt.owner_policy,
         bucket_bytes=opt.bucket_bytes, compile_ns=opt.compile_ns, cuda_graph=opt.cuda_graph,
+        qk_clip_threshold=opt.qk_clip_threshold, qk_clip_alpha=opt.qk_clip_alpha,
+        qk_clip_heads=opt.qk_clip.heads if opt.qk_clip is not None else (),
         last_step_stats=opt.last_step_stats, ranks=SharedRanks(group, unpicklable),
     )}
 
@@ -108,6 +114,8 @@ def restore(opt, settings: Settings) -> None:
     opt._comm = ranks.group if isinstance(ranks, SharedRanks) else _find_again(params, ranks.ranks)
     opt._device = comm.local_tensor(params[0]).device
     opt._scratch = opt._new_scratch()
+    opt.qk_clip_threshold, opt.qk_clip_alpha = settings.qk_clip_threshold, settings.qk_clip_alpha
+    opt.qk_clip, opt._qk_maxima = opt._new_qk_clip(settings.qk_clip_heads), None
     opt._graphed, opt._plan, opt._plan_key, opt._digest_cache = None, None, None, (None, None)
     opt._warned_capturable_if_run_uncaptured = True  # what torch.optim.Optimizer.__init__ sets
     opt._ensure_plan()

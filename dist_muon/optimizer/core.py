@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from .. import comm
+from .. import qk_clip as qk
 from ..layout import layout_of, widened
 from ..numerics import muown as muown_math
 from ..numerics import row_state_dtype
@@ -67,6 +68,11 @@ class DistMuon(torch.optim.Optimizer):
             stays fp32 and the state is rounded once per step (docs/update_rule.md). Per group too.
         compile_ns: ``torch.compile`` the torch Newton–Schulz loop (off: it did not pay on CPU, see
             docs/benchmarks.md; the Triton kernels are used on CUDA either way).
+        qk_clip_threshold, qk_clip_alpha, qk_clip_heads: QK-clip (MuonClip; off by default): after each
+            step, every head whose largest attention logit exceeded τ = ``qk_clip_threshold`` has its
+            query/key rows scaled so that its logits shrink by τ / S_max (α = ``qk_clip_alpha``: the
+            query's share). ``qk_clip_heads``: ``dm.qk_clip.AttentionHeads`` of the model's layers;
+            each forward fills ``opt.qk_clip.max_logits`` (see dist_muon/qk_clip.py, docs/qk_clip.md).
 
     Any hyperparameter may be a group key; ``adamw_*`` / ``normuon_*`` ones in the groups they concern
     (see ``group_keys``). ``copy.deepcopy`` and pickle give an optimizer that steps like this one
@@ -98,6 +104,9 @@ class DistMuon(torch.optim.Optimizer):
         compile_ns: bool = False,
         cuda_graph: bool = False,
         state_dtype: Any = None,
+        qk_clip_threshold: Optional[float] = None,
+        qk_clip_alpha: float = 0.5,
+        qk_clip_heads: Sequence[qk.AttentionHeads] = (),
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_method=ns_method,
@@ -118,6 +127,10 @@ class DistMuon(torch.optim.Optimizer):
         self._plan_key: Optional[tuple] = None
         self._digest_cache: tuple = (None, None)
         self.last_step_stats: Optional[StepStats] = None
+        qk_clip_heads = tuple(qk_clip_heads or ())
+        qk.check_settings(qk_clip_threshold, qk_clip_alpha, qk_clip_heads)
+        self.qk_clip_threshold, self.qk_clip_alpha = qk_clip_threshold, qk_clip_alpha
+        self._qk_maxima: Optional[torch.Tensor] = None
         groups = normalize_param_groups(params)
         # Keys a group has only when set stay out of torch's defaults (torch would add them to every group).
         torch_defaults = {k: v for k, v in defaults.items()
@@ -130,8 +143,18 @@ class DistMuon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(group, p)
+        self.qk_clip: Optional[qk.QKClip] = self._new_qk_clip(qk_clip_heads)
         self._ensure_plan()
         self._check_ranks_agree()
+
+    def _new_qk_clip(self, heads: Sequence[qk.AttentionHeads]) -> Optional[qk.QKClip]:
+        """QK-clip's row map of ``heads`` over this optimizer's parameters. The heads are fixed for the
+        optimizer's life: the maxima they add to the step's all-reduce have the same length on every
+        rank once construction agreed on them."""
+        if not heads:
+            return None
+        names = {id(p): n for gi, g in enumerate(self.param_groups) for p, n in zip(g["params"], self._names(g, gi))}
+        return qk.QKClip(heads, names, self._comm, self._device)
 
     def _new_scratch(self) -> Scratch:
         """fp32 working copies of low-precision state, a bucket budget at a time."""
@@ -218,7 +241,7 @@ class DistMuon(torch.optim.Optimizer):
              *(repr(g.get(k)) for k in VIEW_KEYS), tuple(map(id, g["params"])))
             for g in self.param_groups
         )
-        return (self.bucket_bytes, self.owner_policy, groups)
+        return (self.bucket_bytes, self.owner_policy, groups, self.qk_clip_threshold, self.qk_clip_alpha)
 
     def _ensure_plan(self) -> Plan:
         """The plan for the current settings; rebuilt locally (no collective) when they change.
@@ -229,6 +252,8 @@ class DistMuon(torch.optim.Optimizer):
         key = self._current_plan_key()
         if key == self._plan_key:
             return self._plan
+        if self.qk_clip is not None:  # changed after construction: None turns clipping off
+            qk.check_settings(self.qk_clip_threshold, self.qk_clip_alpha, self.qk_clip.heads, optional=True)
         entries = self._matrix_params()
         specs = [
             MatrixSpec(
@@ -302,6 +327,8 @@ class DistMuon(torch.optim.Optimizer):
             "groups": hyper,
             "matrix parameters": [spec_fingerprint(s) for s in specs],
             "adamw parameters": adamw,
+            "qk clip": (repr(self.qk_clip_threshold), repr(self.qk_clip_alpha),
+                        None if self.qk_clip is None else self.qk_clip.row_map.fingerprint),
         }
 
     def _check_ranks_agree(self) -> None:
@@ -338,6 +365,8 @@ class DistMuon(torch.optim.Optimizer):
         has_grad = self._agree_on_gradients()
         if has_grad is None:
             self.last_step_stats = StepStats(rank=self._comm.rank, skipped=True)
+            if self.qk_clip is not None:
+                self.qk_clip.reset()
             return loss
         self._match_gradient_placements()
         lrs = current_lrs(self.param_groups)
@@ -345,8 +374,14 @@ class DistMuon(torch.optim.Optimizer):
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, lr, has_grad)
         if self._graphed is not None:
-            self.last_step_stats = self._graphed.step(has_grad, lrs)
-            return loss
+            stats = self._graphed.step(has_grad, lrs)
+        else:
+            stats = self._matrix_step(has_grad, lrs)
+        self.last_step_stats = stats if self.qk_clip is None else self._clip_qk(stats)
+        return loss
+
+    def _matrix_step(self, has_grad: dict[int, bool], lrs: list[float]) -> StepStats:
+        """The Muon, NorMuon and Muown parameters' step, eagerly."""
         entries = self._matrix_params()
         inputs = self._muon_inputs(entries, has_grad, lrs)
         outputs = [self._muown_updates.get(pi, comm.local_tensor(p)) for pi, (_, _, p, _) in enumerate(entries)]
@@ -357,11 +392,26 @@ class DistMuon(torch.optim.Optimizer):
                    for gi, g in enumerate(self.param_groups) if g["algorithm"] in MATRIX_ALGORITHMS}
         normuon = {gi: (g["beta2"], g["eps"]) for gi, g in enumerate(self.param_groups) if g["algorithm"] == "normuon"}
         muted = frozenset(pi for pi, (_, _, p, _) in enumerate(entries) if not has_grad[id(p)])
-        self.last_step_stats = self._runner.run(inputs, outputs, factors, muted, normuon)
+        stats = self._runner.run(inputs, outputs, factors, muted, normuon)
         for pi, (gi, group, p, name) in enumerate(entries):
             if group["algorithm"] == "muown" and has_grad[id(p)]:
                 self._muown_finish(group, lrs[gi], p, name, self._muown_updates[pi])
-        return loss
+        return stats
+
+    def _clip_qk(self, stats: StepStats) -> StepStats:
+        """QK-clip after the step, from the maxima the step's all-reduce brought (device only; eager
+        also after a CUDA-graph replay, on the same stream); then the maxima buffer starts over."""
+        maxima = self._qk_maxima
+        if self._comm.group is None:  # the buffer itself: it starts over below
+            maxima = maxima.clone()
+        if self.qk_clip_threshold is None:
+            self.qk_clip.last_maxima = maxima
+            stats.qk_max_logit = maxima.max()
+        else:
+            result = self.qk_clip.apply(maxima, float(self.qk_clip_threshold), float(self.qk_clip_alpha))
+            stats.qk_max_logit, stats.qk_heads_clipped = result.max_logit, result.heads_clipped
+        self.qk_clip.reset()
+        return stats
 
     def _match_gradient_placements(self) -> None:
         """Gradients laid out like their parameters: under TP torchtitan leaves e.g. an embedding's
@@ -396,9 +446,10 @@ class DistMuon(torch.optim.Optimizer):
         """Which parameters have gradients, whether all are finite, and that every rank runs the same plan.
 
         One all-reduce (MAX) of a fixed-size vector per step, and the step's only host sync:
-        [non-finite count, plan digest, −plan digest, gradient-set digest, −its negation]. Equal
-        digests on every rank make max = −max(−d); any difference makes every rank raise
-        together, before a piece moves. Returns None when the step must be skipped.
+        [non-finite count, plan digest, −plan digest, gradient-set digest, −its negation], then with
+        QK-clip every head's max logit (order-preserving int64 codes: the MAX is the heads' maxima
+        over the ranks). Equal digests on every rank make max = −max(−d); any difference makes
+        every rank raise together, before a piece moves. Returns None when the step must be skipped.
         """
         params = [p for g in self.param_groups for p in g["params"]]
         flags = tuple(p.grad is not None for p in params)
@@ -417,9 +468,15 @@ class DistMuon(torch.optim.Optimizer):
             nonfinite = torch.isinf(norms).logical_or_(torch.isnan(norms)).sum().view(1)
         else:
             nonfinite = torch.zeros(1, dtype=torch.int64, device=self._device)
-        vector = torch.cat([nonfinite.to(self._device), self._digests(flags)])
+        parts = [nonfinite.to(self._device), self._digests(flags)]
+        if self.qk_clip is not None and self._comm.group is not None:
+            parts.append(qk.encode_maxima(self.qk_clip.max_logits))  # reduced by the same all-reduce
+        vector = torch.cat(parts)
         if self._comm.group is not None:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX, group=self._comm.group)
+        if self.qk_clip is not None:
+            self._qk_maxima = self.qk_clip.max_logits if self._comm.group is None else qk.decode_maxima(vector[5:])
+            vector = vector[:5]
         bad, *digests = vector.tolist()
         plan_ok = digests[0] == -digests[1]
         grads_ok = digests[2] == -digests[3]

@@ -40,6 +40,9 @@ class StepStats:
     Counts come from the frozen schedule. Times are host wall-clock seconds spent waiting for
     all-to-alls and running NS calls; on CUDA they include only what the host waited for.
     ``workspace_bytes`` is the size of the two workspace slots that exist during the step.
+    With QK-clip, ``qk_max_logit`` (the largest max logit of this optimizer's heads, over its ranks)
+    and ``qk_heads_clipped`` are 0-dim device tensors, left on the device so the step does not sync;
+    ``as_dict()`` reads them as numbers.
     """
 
     rank: int = 0
@@ -52,9 +55,11 @@ class StepStats:
     comm_seconds: float = 0.0
     ns_seconds: float = 0.0
     skipped: bool = False
+    qk_max_logit: Optional[torch.Tensor] = None
+    qk_heads_clipped: Optional[torch.Tensor] = None
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
 
 
 class Workspace:

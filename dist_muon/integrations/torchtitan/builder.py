@@ -13,6 +13,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.tools.logging import logger
 
 from .config import NAME, distmuon_kwargs, validate
+from .options import check_qk_clip_parallelism
 from .routing import distmuon_per_part
 
 
@@ -49,6 +50,7 @@ def build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_
     """Same signature as ``torchtitan.components.optimizer.build_optimizers``."""
     if ft_manager is not None and ft_manager.enabled:
         raise NotImplementedError("DistMuon does not support torchft fault tolerance yet")
+    check_qk_clip_parallelism(optimizer_config, parallel_dims)
     return DistMuonOptimizersContainer(model_parts, optimizer_config)
 
 

@@ -109,6 +109,18 @@ class DistMuonFields:
     parameters; the math stays fp32, the state is rounded once per step), "float16", "float32" or
     "float64"; unset: each parameter's own dtype. A rule may set it per group."""
 
+    qk_clip_threshold: Optional[float] = None
+    """QK-clip (MuonClip) threshold τ: after each step, every attention head whose largest pre-softmax
+    logit q·k·scale in the step's forward exceeded τ has its query/key weights scaled so its logits
+    shrink by τ/S_max (llama3 GQA, fused wqkv, deepseek_v3 MLA; docs/qk_clip.md). Unset: off (no
+    hook, nothing computed). Kimi K2 used 100."""
+
+    qk_clip_alpha: float = 0.5
+    """QK-clip: the query's share α of the scaling (query by γ^α, key by γ^(1−α)); in [0, 1]."""
+
+    qk_clip_chunk: int = 128
+    """QK-clip: keys per chunk when the forward hook computes the max logit (memory ∝ seq × chunk)."""
+
     rules: RoutingRules = field(default_factory=list)
     """Routing rules, first match wins: a list of tables {pattern = REGEX, <option> = value, ...}
     (or [REGEX, {options}] pairs) matched with re.search against parameter FQNs. Options:
@@ -226,6 +238,11 @@ def validate_fields(cfg) -> None:
     check_number(cfg, "adamw_lr", 0, optional=True)
     check_number(cfg, "adamw_weight_decay", 0, optional=True)
     check_number(cfg, "bucket_bytes", 1, optional=True, integer=True)
+    check_number(cfg, "qk_clip_threshold", 0, optional=True)
+    if cfg.qk_clip_threshold is not None and cfg.qk_clip_threshold <= 0:
+        fail("qk_clip_threshold", f"must be > 0 (e.g. 100), or unset to turn QK-clip off; got {cfg.qk_clip_threshold!r}")
+    check_number(cfg, "qk_clip_alpha", 0, 1)
+    check_number(cfg, "qk_clip_chunk", 1, integer=True)
     for name in ("nesterov", "compile_ns", "cuda_graph", "log_routing"):
         _check_bool(cfg, name)
     for name in ("matrix_algorithm", "attention_view", "adjust_lr", "owner_policy", "nonfinite_grad",
@@ -245,6 +262,20 @@ def _check_state_dtype(cfg) -> None:
         check_state_dtype(cfg.state_dtype, "state_dtype")
     except ValueError as e:
         fail("state_dtype", str(e).removeprefix("state_dtype: "))
+
+
+def check_qk_clip_parallelism(cfg, parallel_dims) -> None:
+    """QK-clip's layouts: context parallelism is refused (a rank holds only its chunk of the keys),
+    and so is pure DDP in 0.2.2 (plain replicated parameters, which each replica would clip with
+    its own maxima); FSDP, HSDP, TP, PP and EP are supported."""
+    if getattr(cfg, "qk_clip_threshold", None) is None or parallel_dims is None:
+        return
+    if parallel_dims.cp_enabled:
+        fail("qk_clip_threshold", "QK-clip does not support context parallelism (the max-logit hook needs all keys "
+                                  "of a sequence on one rank); unset it or set context_parallel_degree = 1")
+    if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled:
+        fail("qk_clip_threshold", "QK-clip does not support pure DDP (data_parallel_replicate_degree > 1 without "
+                                  "sharding); use HSDP (data_parallel_shard_degree > 1) or FSDP")
 
 
 def parse_rules(rules) -> list[tuple[str, dict]]:
@@ -314,6 +345,8 @@ def distmuon_kwargs(cfg, *, adamw_betas: tuple[float, float], adamw_eps: float) 
         compile_ns=cfg.compile_ns,
         cuda_graph=cfg.cuda_graph,
         state_dtype=cfg.state_dtype,
+        qk_clip_threshold=None if cfg.qk_clip_threshold is None else float(cfg.qk_clip_threshold),
+        qk_clip_alpha=float(cfg.qk_clip_alpha),
     )
     if cfg.bucket_bytes is not None:
         kwargs["bucket_bytes"] = cfg.bucket_bytes

@@ -48,9 +48,30 @@ def distmuon_per_part(model_parts: Sequence[nn.Module], cfg, kwargs: Mapping[str
                               attention_view=cfg.attention_view)
         if cfg.log_routing and is_rank0():
             log(f"DistMuon routing:\n{dm.routing_report(groups)}")
-        optimizers.append(dm.DistMuon(groups, **kwargs))
+        optimizers.append(_with_qk_clip(part, groups, kwargs, cfg, log))
         params.extend(p for g in groups for p in g["params"])
     return optimizers, params
+
+
+def _with_qk_clip(part: nn.Module, groups: list[dict], kwargs: Mapping[str, Any], cfg,
+                  log: Callable[[str], None]) -> dm.DistMuon:
+    """The part's DistMuon; with QK-clip on, its attention heads registered and the max-logit hooks
+    installed (nothing of either when it is off)."""
+    if kwargs.get("qk_clip_threshold") is None:
+        return dm.DistMuon(groups, **kwargs)
+    from . import qk_logits
+    from .version import torchtitan_version
+
+    found = qk_logits.attentions(part)
+    if not found:  # a pipeline stage without attention layers
+        return dm.DistMuon(groups, **{**kwargs, "qk_clip_threshold": None})
+    opt = dm.DistMuon(groups, **kwargs, qk_clip_heads=[a.heads for a in found])
+    layout = qk_logits.BNLH if torchtitan_version()[:2] == (0, 2) else qk_logits.BLNH
+    qk_logits.install(found, opt, layout, chunk=cfg.qk_clip_chunk)
+    if is_rank0():
+        log(f"DistMuon QK-clip: tau {kwargs['qk_clip_threshold']:g}, alpha {kwargs['qk_clip_alpha']:g}, "
+            f"{len(found)} attention layers, {opt.qk_clip.n_heads} heads")
+    return opt
 
 
 def is_rank0() -> bool:

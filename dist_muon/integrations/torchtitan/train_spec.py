@@ -9,8 +9,8 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from .builder import wrap_build_lr_schedulers, wrap_build_optimizers
-from .reporting import group_lrs, step_stats
-from .config import CONFIG_MODULE
+from .reporting import group_lrs, qk_clip_summary, step_stats
+from .config import CONFIG_MODULE, NAME
 
 _CONFIG_MODULE_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
 
@@ -69,6 +69,13 @@ class DistMuonTrainer(Trainer):
         super().train_step(data_iterator)
         if log and (stats := step_stats(self.optimizers)):
             logger.info(f"step {self.step:3d}  DistMuon: {stats}")
+        if log and (clip := qk_clip_summary(self.optimizers, self.parallel_dims,
+                                            _qk_clip_on(self.job_config.optimizer))):
+            logger.info(f"step {self.step:3d}  {clip}")
+
+
+def _qk_clip_on(cfg) -> bool:
+    return cfg.name == NAME and getattr(cfg, "qk_clip_threshold", None) is not None
 
 
 def add_config_module(argv: list[str]) -> list[str]:

@@ -15,7 +15,8 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from .layouts import check_backend
-from .reporting import group_lrs, step_stats
+from .options import check_qk_clip_parallelism
+from .reporting import group_lrs, qk_clip_summary, step_stats
 from .resume import validate_before_loading
 
 
@@ -27,6 +28,7 @@ class DistMuonTrainer(Trainer):
         def __post_init__(self) -> None:
             Trainer.Config.__post_init__(self)  # (zero-argument super() fails in a slots dataclass)
             check_backend(self.parallelism.spmd_backend, int(os.environ.get("WORLD_SIZE", "1")))
+            check_qk_clip_parallelism(self.optimizer, _Degrees(self.parallelism))
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -39,6 +41,29 @@ class DistMuonTrainer(Trainer):
         super().train_step(data_iterator)
         if log and (stats := step_stats(self.optimizers)):
             logger.info(f"step {self.step:3d}  DistMuon: {stats}")
+        if log and (clip := qk_clip_summary(self.optimizers, self.parallel_dims,
+                                            getattr(self.config.optimizer, "qk_clip_threshold", None) is not None)):
+            logger.info(f"step {self.step:3d}  {clip}")
+
+
+@dataclass(frozen=True)
+class _Degrees:
+    """The parallel degrees ``check_qk_clip_parallelism`` reads, from the config (at parse time,
+    before any ParallelDims exists)."""
+
+    parallelism: object
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.parallelism.context_parallel_degree > 1
+
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return False  # 0.3.0's DDP parameters are DTensors (Replicate): every replica clips alike
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return True
 
 
 def _flat_state(part, optimizer) -> dict:
