@@ -46,7 +46,9 @@ def test_every_distmuon_argument_is_a_config_field():
     cfg = dm_titan.DistMuonContainer.Config()
     covered = set(dm.integrations.torchtitan.options.distmuon_kwargs(
         cfg, adamw_betas=cfg.adamw_betas, adamw_eps=cfg.adamw_eps)) | {"bucket_bytes"}
-    wanted = set(inspect.signature(dm.DistMuon).parameters) - {"params", "params_or_groups", "process_group"}
+    # qk_clip_heads come from the model (routing.py finds the attention layers), not from a field.
+    wanted = set(inspect.signature(dm.DistMuon).parameters) - {"params", "params_or_groups", "process_group",
+                                                                "qk_clip_heads"}
     assert wanted <= covered, f"DistMuon arguments without an optimizer field: {wanted - covered}"
 
 
@@ -63,6 +65,7 @@ def test_cli_overrides_every_field():
         "--optimizer.no-log_routing", "--optimizer.matrix_algorithm", "normuon", "--optimizer.attention_view", "heads",
         "--optimizer.normuon_beta2", "0.9", "--optimizer.normuon_eps", "1e-7", "--optimizer.cuda_graph",
         "--optimizer.state_dtype", "bfloat16",
+        "--optimizer.qk_clip_threshold", "50", "--optimizer.qk_clip_alpha", "0.25",
     )
     opt = config.optimizer
     kwargs = dm_titan.options.distmuon_kwargs(opt, adamw_betas=opt.adamw_betas, adamw_eps=opt.adamw_eps)
@@ -71,7 +74,7 @@ def test_cli_overrides_every_field():
         ns_dtype="float32", adjust_lr="match_rms_adamw", adamw_lr=0.001, adamw_betas=(0.8, 0.99),
         adamw_eps=1e-10, adamw_weight_decay=0.0, owner_policy="round_robin", nonfinite_grad="skip",
         compile_ns=True, bucket_bytes=1048576, normuon_beta2=0.9, normuon_eps=1e-7, cuda_graph=True,
-        state_dtype="bfloat16",
+        state_dtype="bfloat16", qk_clip_threshold=50.0, qk_clip_alpha=0.25,
     )
     assert (opt.matrix_algorithm, opt.attention_view, opt.log_routing) == ("normuon", "heads", False)
     assert dm_titan.parse_rules(opt.rules) == [("attention\\.wo", {"lr": 0.01}), ("norm", {"algorithm": "adamw"})]
