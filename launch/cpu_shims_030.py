@@ -128,6 +128,26 @@ def flex_attention_eager_cpu() -> None:
     FlexAttention._compiled_flex_attn = staticmethod(flex)
 
 
+def block_mask_eager_cpu() -> None:
+    """torchtitan builds every flex ``BlockMask`` with ``torch.compile(create_block_mask)``. On CPU
+    that compile costs each process ~9 s of CPU (dynamo + inductor, on every start: its cache is
+    per process) for masks of a few thousand elements, which eager ``create_block_mask`` builds in
+    milliseconds, identically (same mask_mod, block size and full-block split). CPU devices only;
+    other devices keep the compiled builder."""
+    from torchtitan.models.common import attention
+
+    compiled = attention._compiled_create_block_mask
+
+    @functools.wraps(compiled)
+    def create(*args, **kwargs):
+        device = kwargs.get("device")  # None: the default device, the CPU where these shims are active
+        if device is None or torch.device(device).type == "cpu":
+            return attention.create_block_mask(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    attention._compiled_create_block_mask = create
+
+
 def process_group_set_timeout() -> None:
     """torchtitan 0.3.0 targets torch 2.14, whose public ``torch.distributed.set_timeout(timeout,
     group)`` it calls after step 1 (``set_pg_timeouts``: switch to ``comm.train_timeout_seconds``).
@@ -146,6 +166,7 @@ SHIMS: tuple[Callable[[], None], ...] = (
     device_memory_monitor,
     fsdp_sum_only_reductions,
     flex_attention_eager_cpu,
+    block_mask_eager_cpu,
     process_group_set_timeout,
 )
 _SHIM_SET = ShimSet(SHIMS)

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import TEST_TIMEOUT, DistributedPool, Launcher  # noqa: E402
+from harness import TEST_TIMEOUT, DistributedPool, ForkServer, Launcher, launch_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,10 +49,21 @@ def pool4():
     yield from _pool(4)
 
 
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory):
+    """The main environment's (torchtitan 0.2.2) rank fork server, started by the first job that needs it."""
+    server = ForkServer(launch_env(tmp_path_factory.mktemp("hf")), REPO)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
-def launcher():
-    """Starts jobs (torchrun ...) from the repo root; whatever is still running when the test ends is killed."""
-    launcher = Launcher(REPO)
+def launcher(forkserver):
+    """Starts jobs (torchrun ..., or ``start_ranks``) from the repo root; whatever is still running when
+    the test ends is killed."""
+    launcher = Launcher(REPO, forkserver)
     try:
         yield launcher
     finally:

@@ -10,11 +10,17 @@ No test depends on how fast the machine is. Hangs are detected, not timed:
   ``DIST_MUON_TEST_TIMEOUT`` (default 900 s) and ``DIST_MUON_COLLECTIVE_TIMEOUT`` (default 300 s).
 
 Pool functions must be importable module-level callables (they are pickled by name).
+
+Launched torchtitan jobs come in two kinds: ``torchrun`` commands (``Launcher.start``), for what
+the README tells users to run, and ``launch.train`` on N ranks forked from a ``ForkServer`` that
+has torch and torchtitan imported already (``Launcher.start_ranks``; see rank_forkserver.py), for
+the many short runs that compare layouts, resumes and settings.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import queue
 import signal
@@ -77,6 +83,10 @@ class RankFailure(RuntimeError):
 class DistributedPool:
     """``world`` gloo worker processes, started on first use and reused; ``run`` calls a function on every rank.
 
+    Workers are forked from multiprocessing's fork server, which has imported what every worker
+    imports (pool_preload.py): a fresh interpreter's imports cost seconds of CPU per worker, and
+    the suite starts a few dozen pools on two cores. A forked worker is still a process of its own.
+
     A rank that raises makes ``run`` raise with its traceback. A rank that dies, or a rank that is still
     silent a collective timeout after another rank failed (hung), tears the pool down (the next ``run``
     starts a fresh one) and fails with a message naming it.
@@ -87,7 +97,12 @@ class DistributedPool:
         self.procs = []
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        # Python 3.11's fork server does not take the parent's sys.path: it finds tests/ by PYTHONPATH
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if TESTS_DIR not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, *paths]))
+        ctx.set_forkserver_preload(["pool_preload"])  # once per session: the server starts on first use
         port = free_port()
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         self.results = ctx.Queue()
@@ -144,6 +159,22 @@ class DistributedPool:
 
 
 # ----------------------------------------------------------------------------- launched jobs
+
+
+REPO = os.path.dirname(TESTS_DIR)
+
+
+def launch_env(hf_home) -> dict[str, str]:
+    """The environment of launched torchtitan jobs: the repo importable, one thread, nothing downloads."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")])),
+        HF_HOME=str(hf_home),  # datasets' cache of the local JSON
+        HF_HUB_OFFLINE="1",  # prove nothing downloads
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    return env
 
 
 def collective_timeout_args() -> list[str]:
@@ -220,14 +251,111 @@ class Job:
         self._out.close()
 
 
-class Launcher:
-    """Starts jobs and kills whatever is left of them at ``close`` (a fixture finalizer): nothing outlives a test."""
+class ForkServer:
+    """``tests/rank_forkserver.py`` running in ``env`` (the torchtitan version it serves is the one
+    that environment imports); ``start`` forks a job's ranks from it. ``close`` ends the server and
+    every job it started."""
 
-    def __init__(self, cwd: str):
-        self.cwd, self.jobs = cwd, []
+    def __init__(self, env: dict[str, str], cwd: str):
+        self.env, self.cwd, self.jobs, self.proc = env, cwd, [], None
+        self.tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _ensure_running(self) -> None:
+        """The server starts on the first job (seconds of imports that tests without jobs never pay)."""
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(TESTS_DIR, "rank_forkserver.py")],
+                                         cwd=self.cwd, env={**self.env, JOB_TAG: self.tag}, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+            self._reply("start-up")
+
+    def _reply(self, what: str) -> dict:
+        line = self.proc.stdout.readline()  # the server prints nothing else on this pipe
+        if not line:
+            raise RuntimeError(f"the rank fork server died during {what} (exit code {self.proc.wait()}); its "
+                               "output is on the test's stderr")
+        return json.loads(line)
+
+    def start(self, nproc: int, argv: list[str], log, *, env: dict[str, str], name: str) -> "ForkedJob":
+        """``launch.train.main(argv)`` on ``nproc`` ranks; ``env``: what the ranks add to the server's environment."""
+        self._ensure_running()
+        for stale in (str(log), f"{log}.rc"):
+            if os.path.exists(stale):
+                os.remove(stale)
+        self.proc.stdin.write(json.dumps({"nproc": nproc, "argv": argv, "env": env, "log": str(log),
+                                          "cwd": self.cwd}) + "\n")
+        self.proc.stdin.flush()
+        job = ForkedJob(self._reply(f"the start of {name}")["pid"], str(log), name)
+        self.jobs.append(job)
+        return job
+
+    def close(self) -> None:
+        for job in self.jobs:
+            job.kill()
+        self.jobs = []
+        if self.proc is not None:
+            self.proc.stdin.close()
+            kill_job(self.tag)
+            self.proc.wait()
+            self.proc = None
+
+
+class ForkedJob:
+    """A job of a ForkServer: its leader's session holds the ranks; the leader writes ``<log>.rc`` at the end."""
+
+    def __init__(self, leader: int, log: str, name: str):
+        self.leader, self.log, self.name = leader, log, name
+
+    def _alive(self) -> bool:
+        try:
+            os.kill(self.leader, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def wait(self) -> tuple[int, str]:
+        """(exit code, log), as ``Job.wait``."""
+        deadline, rc_file = time.monotonic() + TEST_TIMEOUT, self.log + ".rc"
+        while not os.path.exists(rc_file):
+            if not self._alive() and not os.path.exists(rc_file):
+                self.kill()
+                raise RuntimeError(f"{self.name}: the job's leader died without an exit code; log tail:\n"
+                                   f"{self.text()[-5000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(_over_limit(self.name) + f"; log tail:\n{self.text()[-5000:]}")
+            time.sleep(POLL)
+        self.kill()
+        with open(rc_file) as f:
+            return int(f.read()), self.text()
+
+    def text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.leader, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Launcher:
+    """Starts jobs and kills whatever is left of them at ``close`` (a fixture finalizer): nothing outlives a test.
+
+    ``forkserver``: where ``start_ranks`` forks its jobs from (shared by the launchers of a session)."""
+
+    def __init__(self, cwd: str, forkserver: ForkServer | None = None):
+        self.cwd, self.jobs, self.forkserver = cwd, [], forkserver
 
     def start(self, cmd: list[str], log, *, env: dict[str, str], name: str = "") -> Job:
         job = Job(cmd, log, env=env, cwd=self.cwd, name=name or os.path.basename(str(log)))
+        self.jobs.append(job)
+        return job
+
+    def start_ranks(self, nproc: int, argv: list[str], log, *, env: dict[str, str] | None = None,
+                    name: str = "") -> ForkedJob:
+        """``torchrun --standalone --nproc_per_node nproc -m launch.train *argv``, forked from the fork server."""
+        job = self.forkserver.start(nproc, argv, log, env=env or {}, name=name or os.path.basename(str(log)))
         self.jobs.append(job)
         return job
 

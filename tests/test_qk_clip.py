@@ -702,13 +702,11 @@ def test_training_the_debug_model_with_qk_clip_bounds_the_max_logit(launcher, tm
     from benchmarks.qk_clip import parse
     from benchmarks.qk_clip import train_args as qk_train_args
     from harness import collective_timeout_args
-    from test_torchtitan_e2e import launch_env, torchrun
 
     jobs = {}
     for name, tau in (("clipped", TRAIN_TAU), ("unclipped", 1e9)):
         args = qk_train_args(str(tmp_path / name), TRAIN_STEPS, TRAIN_LR, tau)
-        cmd = torchrun("--standalone", "--nproc_per_node=2", "-m", "launch.train", *args, *collective_timeout_args())
-        jobs[name] = launcher.start(cmd, tmp_path / f"{name}.log", env=launch_env(tmp_path), name=name)
+        jobs[name] = launcher.start_ranks(2, [*args, *collective_timeout_args()], tmp_path / f"{name}.log", name=name)
     runs = {}
     for name, job in jobs.items():
         rc, log = job.wait()

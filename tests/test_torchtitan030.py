@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import TEST_TIMEOUT, Launcher
+from harness import TEST_TIMEOUT, ForkServer, Launcher
 from test_torchtitan_e2e import REPO, assert_checkpoints, group_lrs, losses, resume_copy
 from test_torchtitan_resume import BATCH, K, LEARNS, RTOL, STEPS, differences, write_repeated_document
 
@@ -47,12 +47,15 @@ def env030(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def module_launcher():
-    launcher = Launcher(str(REPO))
+def module_launcher(env030):
+    """Runs the inner pytest, and the 2-rank jobs forked from a 0.3.0 rank fork server."""
+    server = ForkServer(env030, str(REPO))
+    launcher = Launcher(str(REPO), server)
     try:
         yield launcher
     finally:
         launcher.close()
+        server.close()
 
 
 # ----------------------------------------------------------------------------- the in-process tests
@@ -111,14 +114,13 @@ class Runs:
             if DP[resume_from] != DP[layout]:  # torchtitan refuses dataloader state of another dp degree
                 extra = ["--checkpoint.exclude_from_loading", "dataloader"]
         t = str(int(TEST_TIMEOUT))
-        args = ["-m", "launch.train", "--module", MODULE, "--config", config, "--dump_folder", str(dump),
+        args = ["--module", MODULE, "--config", config, "--dump_folder", str(dump),
                 "--metrics.disable_color_printing", "--comm.init_timeout_seconds", t,
                 "--comm.train_timeout_seconds", t, "--dataloader.dataset_path", str(self.data),
                 "--training.seq_len", str(self.seq_len), "--training.local_batch_size", str(BATCH),
                 "--training.steps", str(STEPS), "--checkpoint.interval", str(K),
                 "--optimizer.ns_dtype", "float32", "--training.max_norm", "1000", *flags, *extra, *more]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
-        return self.launcher.start(cmd, self.tmp_path / f"{name}.log", env=self.env, name=name)
+        return self.launcher.start_ranks(ranks, args, self.tmp_path / f"{name}.log", name=name)
 
     def run(self, jobs: dict) -> None:
         for name, job in jobs.items():

@@ -1,6 +1,8 @@
-"""End to end: torchtitan 0.2.2's real Trainer with DistMuon, launched with torchrun on CPU/gloo.
+"""End to end: torchtitan 0.2.2's real Trainer with DistMuon, on 2 CPU/gloo ranks.
 
-Each test launches ``launch.train`` with torchrun through the ``launcher`` fixture: every launch
+Each test launches ``launch.train`` through the ``launcher`` fixture: with torchrun where the
+command is the point (two nodes, a bad setting at start-up; the README's launch script), else on
+ranks forked from the session's rank fork server (tests/rank_forkserver.py). Every launch
 has torchtitan's collective timeouts (a hang fails the job instead of blocking CI), and whatever
 is still running when the test ends is killed. Runs are as short as what they prove allows
 (a few steps, checkpoints every step or two). Everything is written under pytest's tmp_path; the
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import harness
 from harness import collective_timeout_args, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +39,7 @@ pytestmark = [
 
 
 def launch_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-        HF_HOME=str(tmp_path / "hf"),  # datasets' cache of the local JSON, per test
-        HF_HUB_OFFLINE="1",  # prove nothing downloads
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    return env
+    return harness.launch_env(tmp_path / "hf")  # datasets' cache of the local JSON, per test
 
 
 def torchrun(*args: str) -> list[str]:
@@ -58,12 +53,6 @@ def train_args(config: Path, dump: Path, *overrides: str) -> list[str]:
 
 def run(launcher, cmd: list[str], tmp_path: Path, name: str) -> tuple[int, str]:
     return launcher.start(cmd, tmp_path / f"{name}.log", env=launch_env(tmp_path), name=name).wait()
-
-
-def run_ok(launcher, cmd: list[str], tmp_path: Path, name: str) -> str:
-    rc, out = run(launcher, cmd, tmp_path, name)
-    assert rc == 0, f"{name} failed (rc={rc}); log tail:\n{out[-8000:]}"
-    return out
 
 
 def losses(log: str) -> dict[int, float]:
@@ -120,7 +109,9 @@ def check_train_and_resume(launcher, tmp_path: Path, config: Path, steps: int, r
     def launch(dump: Path, name: str) -> str:
         args = train_args(config, dump, "--training.steps", str(steps), "--checkpoint.interval", str(resume_from),
                           *overrides)
-        return run_ok(launcher, torchrun("--standalone", "--nproc_per_node=2", *args), tmp_path, name)
+        rc, out = launcher.start_ranks(2, args[2:], tmp_path / f"{name}.log", name=name).wait()
+        assert rc == 0, f"{name} failed (rc={rc}); log tail:\n{out[-8000:]}"
+        return out
 
     full = tmp_path / "full"
     log = launch(full, "full")

@@ -1,4 +1,4 @@
-"""Resume across parallelism changes through torchtitan 0.2.2's real Trainer (``launch.train`` under torchrun).
+"""Resume across parallelism changes through torchtitan 0.2.2's real Trainer (``launch.train`` on 1, 2 or 4 ranks).
 
 Each transition: layout A trains steps 1..4 and checkpoints at 2 and 4 (one launch); layout B resumes
 from A's step-2 checkpoint and trains steps 3..4 (one launch). B's final checkpoint must equal A's:
@@ -38,7 +38,7 @@ import torch
 from harness import Launcher
 from test_torchtitan_e2e import (
     DEBUG, DEBUG_MOE, LEARNS, REPO, assert_checkpoints, assert_muon_adamw_ratio, checkpoint_lrs, group_lrs,
-    launch_env, losses, lr_pairs, resume_copy, torchrun, train_args,
+    losses, lr_pairs, resume_copy, train_args,
 )
 
 TINY = "debugmodel_2layers"
@@ -144,11 +144,11 @@ def repeated_document(tmp_path_factory) -> tuple[Path, int]:
 
 
 @pytest.fixture(scope="module")
-def module_launcher():
+def module_launcher(forkserver):
     """The runs are shared by the transitions' tests; whatever is left of a launch is killed with the module.
 
     (Each launch is waited for, and whatever it left behind killed, before any test looks at it.)"""
-    launcher = Launcher(str(REPO))
+    launcher = Launcher(str(REPO), forkserver)
     try:
         yield launcher
     finally:
@@ -185,11 +185,9 @@ class Runs:
             "--training.local_batch_size", str(BATCH), "--training.steps", str(STEPS),
             "--checkpoint.interval", str(K), "--checkpoint.no_last_save_model_only",
             "--optimizer.ns_dtype", "float32", *NO_CLIPPING, *flags, *extra)
-        env = launch_env(self.tmp_path)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
-        env[TINY_FLAVORS] = "1"
-        cmd = torchrun("--standalone", f"--nproc_per_node={ranks}", *args)
-        self.jobs[name] = self.launcher.start(cmd, self.tmp_path / f"{name}.log", env=env, name=name)
+        # the fork server has tests/ on sys.path (custom_import finds this module)
+        self.jobs[name] = self.launcher.start_ranks(ranks, args[2:], self.tmp_path / f"{name}.log",
+                                                    env={TINY_FLAVORS: "1"}, name=name)
         self.layout_of[name], self.source_of[name] = layout, resume_from
 
     def wait(self) -> None:

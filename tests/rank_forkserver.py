@@ -1,0 +1,147 @@
+"""A fork server for the tests' torchtitan launches: ``launch.train`` on N ranks without N fresh interpreters.
+
+Why: importing torch + torchtitan (+ datasets, inductor, pandas) costs a fresh process ~9 s of CPU;
+the suite launches the 2-rank trainer dozens of times on a 2-core CI machine, where those imports
+were most of its wall time. This server imports everything once (after the CPU shims, exactly as
+``launch.train.main`` orders it: modules imported before the shims would keep a "cuda"
+``device_type``), then forks each job's ranks from that state. A job is still N separate
+processes with their own gloo process group, each running ``launch.train.main(argv)`` with the
+environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...): only the
+interpreter start-up is shared. The README's own ``torchrun`` commands keep being tested as they are
+(tests/test_torchtitan_e2e.py).
+
+Run by ``tests/harness.py`` (``ForkServer``) as ``python tests/rank_forkserver.py``, with the
+environment of the torchtitan it should serve (0.2.2: the main one; 0.3.0: its PYTHONPATH).
+Protocol, one JSON object a line: the client writes ``{"nproc", "argv", "env", "log", "cwd"}``;
+the server answers ``{"pid": leader}``. The leader is a process in a session of its own (the
+client kills the job with ``killpg``); it forks the ranks, waits for them, ends the others at the
+first failure (as torchrun does), then writes the job's exit code to ``<log>.rc``. Every process
+dies with its parent (``PR_SET_PDEATHSIG``): the client, then the server, then a leader.
+CPU only: the tests that use it are skipped where CUDA is available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def preload() -> None:
+    """What ``launch.train.main`` does before parsing its arguments: shims first, then torchtitan."""
+    from launch import cpu_shims, cpu_shims_030, train
+
+    if train.torchtitan_version()[:2] == (0, 3):
+        cpu_shims_030.activate()
+        import torchtitan.train  # noqa: F401
+        from torchtitan.config import ConfigManager  # noqa: F401
+    else:
+        cpu_shims.activate()
+        import torchtitan.train  # noqa: F401
+    import dist_muon.integrations.torchtitan  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank(rank: int, nproc: int, port: int, request: dict) -> int:
+    """One rank: torchrun's environment, output appended to the job's log, ``launch.train.main``."""
+    die_with_parent()
+    os.environ.update(request["env"])
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.chdir(request["cwd"])
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    sys.argv = ["launch.train", *request["argv"]]
+    code = 0
+    try:
+        from launch import train
+
+        train.main(request["argv"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed as an uncaught exception would be
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def lead(request: dict) -> None:
+    """The job: fork the ranks, wait; at the first failing rank end the rest (torchrun's policy)."""
+    die_with_parent()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # off the server's pipes: the client must see EOF when the server dies, whatever jobs remain
+    devnull, log = os.open(os.devnull, os.O_RDONLY), os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    nproc, port = int(request["nproc"]), free_port()
+    ranks = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_rank(rank, nproc, port, request))
+        ranks[pid] = rank
+    code = 0
+    while ranks:
+        pid, status = os.wait()
+        ranks.pop(pid, None)
+        rc = os.waitstatus_to_exitcode(status)
+        if rc != 0 and code == 0:
+            code = rc if rc > 0 else 128 - rc
+            with open(request["log"], "a") as f:
+                f.write(f"\n[rank_forkserver] rank exited with code {rc}; ending ranks {sorted(ranks.values())}\n")
+            for other in ranks:
+                try:
+                    os.kill(other, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    tmp = request["log"] + ".rc.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(code))
+    os.replace(tmp, request["log"] + ".rc")
+
+
+def serve() -> None:
+    die_with_parent()
+    sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+    preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            try:
+                lead(request)
+            finally:
+                os._exit(0)
+        print(json.dumps({"pid": pid}), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
