@@ -220,7 +220,27 @@ def kill_job(tag: str) -> None:
         time.sleep(0.1)  # let the kernel reap them before looking again
 
 
-class Job:
+class _LoggedJob:
+    """What both kinds of job share: a name, a log, and waiting under the overall limit."""
+
+    name: str
+    log: str
+
+    def _wait_until(self, finished) -> None:
+        """Poll ``finished()``; past the overall limit the job is killed and the test fails with its log tail."""
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while not finished():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(_over_limit(self.name) + f"; log tail:\n{self.text()[-5000:]}")
+            time.sleep(POLL)
+
+    def text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+
+class Job(_LoggedJob):
     """A launched command (own session, output to ``log``); ``wait`` watches it, ``kill`` ends all of it."""
 
     def __init__(self, cmd: list[str], log, *, env: dict[str, str], cwd: str, name: str):
@@ -231,19 +251,10 @@ class Job:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self) -> tuple[int, str]:
-        """(return code, log). A job past the overall limit is killed and the test fails with its log tail."""
-        deadline = time.monotonic() + TEST_TIMEOUT
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(_over_limit(self.name) + f"; log tail:\n{self.text()[-5000:]}")
-            time.sleep(POLL)
+        """(return code, log)."""
+        self._wait_until(lambda: self.proc.poll() is not None)
         self.kill()  # whatever the job left behind (a worker orphaned by a crashed torchrun)
         return self.proc.returncode, self.text()
-
-    def text(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()
 
     def kill(self) -> None:
         kill_job(self.tag)
@@ -254,10 +265,10 @@ class Job:
 class ForkServer:
     """``tests/rank_forkserver.py`` running in ``env`` (the torchtitan version it serves is the one
     that environment imports); ``start`` forks a job's ranks from it. ``close`` ends the server and
-    every job it started."""
+    every job it started: forked processes keep the server's environment, tag included."""
 
     def __init__(self, env: dict[str, str], cwd: str):
-        self.env, self.cwd, self.jobs, self.proc = env, cwd, [], None
+        self.env, self.cwd, self.proc = env, cwd, None
         self.tag = f"{os.getpid()}-{uuid.uuid4().hex}"
 
     def _ensure_running(self) -> None:
@@ -284,14 +295,9 @@ class ForkServer:
         self.proc.stdin.write(json.dumps({"nproc": nproc, "argv": argv, "env": env, "log": str(log),
                                           "cwd": self.cwd}) + "\n")
         self.proc.stdin.flush()
-        job = ForkedJob(self._reply(f"the start of {name}")["pid"], str(log), name)
-        self.jobs.append(job)
-        return job
+        return ForkedJob(self._reply(f"the start of {name}")["pid"], str(log), name)
 
     def close(self) -> None:
-        for job in self.jobs:
-            job.kill()
-        self.jobs = []
         if self.proc is not None:
             self.proc.stdin.close()
             kill_job(self.tag)
@@ -299,11 +305,12 @@ class ForkServer:
             self.proc = None
 
 
-class ForkedJob:
+class ForkedJob(_LoggedJob):
     """A job of a ForkServer: its leader's session holds the ranks; the leader writes ``<log>.rc`` at the end."""
 
     def __init__(self, leader: int, log: str, name: str):
         self.leader, self.log, self.name = leader, log, name
+        self.rc_file = log + ".rc"
 
     def _alive(self) -> bool:
         try:
@@ -314,23 +321,13 @@ class ForkedJob:
 
     def wait(self) -> tuple[int, str]:
         """(exit code, log), as ``Job.wait``."""
-        deadline, rc_file = time.monotonic() + TEST_TIMEOUT, self.log + ".rc"
-        while not os.path.exists(rc_file):
-            if not self._alive() and not os.path.exists(rc_file):
-                self.kill()
-                raise RuntimeError(f"{self.name}: the job's leader died without an exit code; log tail:\n"
-                                   f"{self.text()[-5000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(_over_limit(self.name) + f"; log tail:\n{self.text()[-5000:]}")
-            time.sleep(POLL)
+        self._wait_until(lambda: os.path.exists(self.rc_file) or not self._alive())
         self.kill()
-        with open(rc_file) as f:
+        if not os.path.exists(self.rc_file):
+            raise RuntimeError(f"{self.name}: the job's leader died without an exit code; log tail:\n"
+                               f"{self.text()[-5000:]}")
+        with open(self.rc_file) as f:
             return int(f.read()), self.text()
-
-    def text(self) -> str:
-        with open(self.log, errors="replace") as f:
-            return f.read()
 
     def kill(self) -> None:
         try:

@@ -26,9 +26,10 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 import traceback
+
+from harness import free_port  # this script's folder, tests/, is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PR_SET_PDEATHSIG = 1
@@ -42,34 +43,21 @@ def preload() -> None:
     """What ``launch.train.main`` does before parsing its arguments: shims first, then torchtitan."""
     from launch import cpu_shims, cpu_shims_030, train
 
-    if train.torchtitan_version()[:2] == (0, 3):
-        cpu_shims_030.activate()
-        import torchtitan.train  # noqa: F401
-        from torchtitan.config import ConfigManager  # noqa: F401
-    else:
-        cpu_shims.activate()
-        import torchtitan.train  # noqa: F401
-    import dist_muon.integrations.torchtitan  # noqa: F401
+    (cpu_shims_030 if train.torchtitan_version()[:2] == (0, 3) else cpu_shims).activate()
     import torch.distributed.checkpoint  # noqa: F401
+    import torchtitan.train  # noqa: F401
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import dist_muon.integrations.torchtitan  # noqa: F401
 
 
 def run_rank(rank: int, nproc: int, port: int, request: dict) -> int:
-    """One rank: torchrun's environment, output appended to the job's log, ``launch.train.main``."""
+    """One rank: torchrun's environment, ``launch.train.main``; its output goes where the leader's does (the log)."""
     die_with_parent()
     os.environ.update(request["env"])
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(request["cwd"])
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     sys.argv = ["launch.train", *request["argv"]]
@@ -93,7 +81,7 @@ def lead(request: dict) -> None:
     die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # off the server's pipes: the client must see EOF when the server dies, whatever jobs remain
-    devnull, log = os.open(os.devnull, os.O_RDONLY), os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    devnull, log = os.open(os.devnull, os.O_RDONLY), os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -111,8 +99,7 @@ def lead(request: dict) -> None:
         rc = os.waitstatus_to_exitcode(status)
         if rc != 0 and code == 0:
             code = rc if rc > 0 else 128 - rc
-            with open(request["log"], "a") as f:
-                f.write(f"\n[rank_forkserver] rank exited with code {rc}; ending ranks {sorted(ranks.values())}\n")
+            print(f"\n[rank_forkserver] rank exited with code {rc}; ending ranks {sorted(ranks.values())}", flush=True)
             for other in ranks:
                 try:
                     os.kill(other, signal.SIGKILL)
@@ -126,7 +113,7 @@ def lead(request: dict) -> None:
 
 def serve() -> None:
     die_with_parent()
-    sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+    sys.path.insert(0, REPO)
     preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
     print(json.dumps({"ready": True}), flush=True)

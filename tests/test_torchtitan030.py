@@ -100,8 +100,8 @@ class Runs:
     """The shared launches: each source trains steps 1..STEPS (checkpoints at K and STEPS); each
     target resumes a source's step-K checkpoint in its own layout. Launches of one phase run side by side."""
 
-    def __init__(self, launcher, env, tmp_path: Path, data: tuple[Path, int]):
-        self.launcher, self.env, self.tmp_path = launcher, env, tmp_path
+    def __init__(self, launcher, tmp_path: Path, data: tuple[Path, int]):
+        self.launcher, self.tmp_path = launcher, tmp_path
         self.data, self.seq_len = data
         self.results: dict[str, tuple[int, str]] = {}
 
@@ -147,8 +147,8 @@ def repeated_document(tmp_path_factory) -> tuple[Path, int]:
 
 
 @pytest.fixture(scope="module")
-def runs(module_launcher, env030, tmp_path_factory, repeated_document) -> Runs:
-    runs = Runs(module_launcher, env030, tmp_path_factory.mktemp("tt030"), repeated_document)
+def runs(module_launcher, tmp_path_factory, repeated_document) -> Runs:
+    runs = Runs(module_launcher, tmp_path_factory.mktemp("tt030"), repeated_document)
     sources = dict.fromkeys(s for s, _ in TRANSITIONS)
     runs.run({s: runs.start(s, s) for s in sources})
     targets = {f"{s}_to_{t}": runs.start(f"{s}_to_{t}", t, resume_from=s) for s, t in TRANSITIONS
