@@ -25,7 +25,8 @@ import torch
 
 from harness import TEST_TIMEOUT, ForkServer, Launcher
 from test_torchtitan_e2e import REPO, assert_checkpoints, group_lrs, losses, resume_copy
-from test_torchtitan_resume import BATCH, K, LEARNS, RTOL, STEPS, differences, write_repeated_document
+from benchmarks.repeated_document import write_repeated_document
+from test_torchtitan_resume import BATCH, K, LEARNS, RTOL, STEPS, differences
 
 MODULE = "dist_muon.integrations.torchtitan"
 
@@ -143,7 +144,7 @@ def repeated_document(tmp_path_factory) -> tuple[Path, int]:
     """As for 0.2.2, for 0.3.0's packing: a document of n tokens gives n - 1 inputs (inputs and labels
     are shifted within the document), cut into seq_len pieces."""
     folder = tmp_path_factory.mktemp("repeated_document")
-    return folder, write_repeated_document(folder, lambda n: (n - 1) // BATCH if (n - 1) % BATCH == 0 else None)
+    return folder, write_repeated_document(folder, lambda n: (n - 1) // BATCH if (n - 1) % BATCH == 0 else None, BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.repeated_document import packing_022, write_repeated_document
 from harness import Launcher
 from test_torchtitan_e2e import (
     DEBUG, DEBUG_MOE, LEARNS, REPO, assert_checkpoints, assert_muon_adamw_ratio, checkpoint_lrs, group_lrs,
@@ -109,28 +109,6 @@ LAYOUTS = {
 DP_DEGREE = {"fsdp2": 2, "one_rank": 1, "tp2": 1, "pp2": 1, "ddp2": 2, "hsdp_2x2": 4, "ep2": 2, "ep1": 2}
 
 
-def write_repeated_document(folder: Path, seq_len_of) -> int:
-    """Write a c4-style dataset of one document, repeated, that tokenizes to exactly BATCH sequences;
-    returns their seq_len. ``seq_len_of(tokens)``: the seq_len at which a document of that many tokens
-    (BOS and EOS included) makes exactly BATCH sequences in the trainer's packing, or None."""
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-
-    tokenizer = HuggingFaceTokenizer(str(REPO / "assets" / "tokenizer"))
-    words = " ".join(json.loads(line)["text"] for line in (REPO / "assets" / "c4_tiny" / "data.json").open()
-                     if line.strip()).split()
-    for n in range(1, len(words)):
-        text = " ".join(words[:n])
-        seq_len = seq_len_of(len(tokenizer.encode(text, add_bos=True, add_eos=True)))
-        if seq_len is not None and seq_len >= 32:
-            break
-    else:
-        raise AssertionError(f"no prefix of assets/c4_tiny tokenizes to exactly {BATCH} sequences")
-    with open(folder / "data.json", "w") as f:
-        for _ in range(16):
-            f.write(json.dumps({"text": text}) + "\n")
-    return seq_len
-
-
 @pytest.fixture(scope="module")
 def repeated_document(tmp_path_factory) -> tuple[Path, int]:
     """(c4-style dataset folder, seq_len): one document of exactly BATCH sequences, repeated.
@@ -140,7 +118,7 @@ def repeated_document(tmp_path_factory) -> tuple[Path, int]:
     whatever the dp degree and wherever the dataloader starts.
     """
     folder = tmp_path_factory.mktemp("repeated_document")
-    return folder, write_repeated_document(folder, lambda n: n // BATCH - 1 if n % BATCH == 0 else None)
+    return folder, write_repeated_document(folder, packing_022(BATCH), BATCH)
 
 
 @pytest.fixture(scope="module")

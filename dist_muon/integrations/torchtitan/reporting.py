@@ -47,7 +47,7 @@ def qk_clip_summary(optimizers, parallel_dims, enabled: bool) -> str:
         largest, clipped = largest.to(device).reshape(1), clipped.to(device).reshape(1)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=pp.get_group())
         dist.all_reduce(clipped, op=dist.ReduceOp.SUM, group=pp.get_group())
-    return f"QK-clip: max logit {float(largest):.4g}, heads clipped {int(clipped)}"
+    return f"QK-clip: max logit {float(largest):.6g}, heads clipped {int(clipped)}"
 
 
 def _pp(parallel_dims):
