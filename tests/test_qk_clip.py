@@ -616,6 +616,57 @@ def test_chunked_max_logits_equal_the_whole_computation_with_masks():
         torch.testing.assert_close(max_logits(q, k, 0.3, causal=False, chunk=chunk), whole.amax(dim=(0, 2, 3)))
 
 
+def _train_maxima(wrap, steps: int = 3, count: bool = False) -> tuple[list, Optional[int]]:
+    """Per step, the maxima a llama3 model's hooks recorded (lr 0.02, τ clipping some heads), with
+    each block replaced by ``wrap(block)``; and (``count``, eager only) how many max-logit
+    computations ran."""
+    import contextlib
+    from unittest import mock
+
+    from dist_muon.integrations.torchtitan import qk_logits
+
+    model = tt_model("llama3")
+    found = qk_logits.attentions(model)
+    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.02, ns_dtype=torch.float32, qk_clip_threshold=35.0,
+                      qk_clip_heads=[a.heads for a in found])
+    qk_logits.install(found, opt, qk_logits.BNLH, chunk=5)
+    for name, block in list(model.layers.named_children()):
+        model.layers.register_module(name, wrap(block))
+    maxima = []
+    counted = mock.patch.object(qk_logits, "max_logits", wraps=qk_logits.max_logits) if count else None
+    with counted or contextlib.nullcontext() as calls:
+        for _ in range(steps):
+            (model(tt_tokens()).float() ** 2).mean().backward()
+            maxima.append(opt.qk_clip.max_logits.clone())
+            opt.step()
+            opt.zero_grad()
+    assert int(opt.last_step_stats.qk_heads_clipped) > 0
+    return maxima, calls.call_count if count else None
+
+
+@torchtitan_022
+def test_the_hook_records_once_under_activation_checkpointing_and_inside_compiled_blocks():
+    """torchtitan wraps blocks for activation checkpointing, then compiles each with fullgraph=True:
+    the recompute in backward adds no max-logit work (eager), and the hook traces into the compiled
+    block's graph (dynamo, aot_eager backend), recording the eager maxima step after step."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def compiled(block):
+        return torch.compile(block, backend="aot_eager", fullgraph=True)
+
+    eager, calls = _train_maxima(lambda block: block, count=True)
+    assert calls == 3 * 2  # steps x layers
+    checkpointed, calls = _train_maxima(checkpoint_wrapper, count=True)
+    assert calls == 3 * 2
+    for wrap in (compiled, lambda block: compiled(checkpoint_wrapper(block))):
+        torch._dynamo.reset()
+        got, _ = _train_maxima(wrap)
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(checkpointed, eager):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------- the torchtitan 0.2.2 optimizer builder
 
 

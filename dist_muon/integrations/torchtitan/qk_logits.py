@@ -145,7 +145,12 @@ def max_logits(q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool =
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    """An activation-checkpointing recompute runs the forward again inside backward: skip its work.
+
+    Compiled blocks (torchtitan compiles each with ``fullgraph=True``) cannot ask autograd; there
+    the hook is traced into the block's graph, and a recompute, if any, records the same maxima
+    again, which leaves the running max as it was."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class MaxLogitHook:
