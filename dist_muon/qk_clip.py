@@ -26,7 +26,7 @@ registered parameter, and one ``_foreach_mul_`` applies them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -99,10 +99,27 @@ def _check_rows(name: str, what: str, param: torch.Tensor, expected: int) -> Non
         raise ValueError(f"{name}: {what} has shape {tuple(param.shape)} but the heads need {expected} rows in dim 0")
 
 
-def mha(name: str, wq: torch.Tensor, wk: torch.Tensor, *, head_dim: int,
-        n_kv_heads: Optional[int] = None) -> AttentionHeads:
-    """Separate query and key projections (``[n_heads·head_dim, dim]``, ``[n_kv_heads·head_dim, dim]``);
-    query head ``h`` uses key head ``h // (n_heads / n_kv_heads)`` (GQA; MHA without ``n_kv_heads``)."""
+def with_bias(heads: AttentionHeads, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> AttentionHeads:
+    """``heads`` with each head's rows of ``weight`` joined by the same rows of its ``bias``: a
+    projection ``W x + b`` scales with both (None: no bias, ``heads`` as they are)."""
+    if bias is None:
+        return heads
+    if bias.ndim != 1:
+        raise ValueError(f"{heads.name}: a bias must be 1-D, got shape {tuple(bias.shape)}")
+    _check_rows(heads.name, "the bias", bias, weight.shape[0])
+
+    def join(head: Head) -> Head:
+        return head + tuple(Rows(bias, r.start, r.stop) for r in head if r.param is weight)
+
+    return replace(heads, q=tuple(map(join, heads.q)), k=tuple(map(join, heads.k)),
+                               q_rope=tuple(map(join, heads.q_rope)))
+
+
+def mha(name: str, wq: torch.Tensor, wk: torch.Tensor, *, head_dim: int, n_kv_heads: Optional[int] = None,
+        q_bias: Optional[torch.Tensor] = None, k_bias: Optional[torch.Tensor] = None) -> AttentionHeads:
+    """Separate query and key projections (``[n_heads·head_dim, dim]``, ``[n_kv_heads·head_dim, dim]``,
+    optional biases); query head ``h`` uses key head ``h // (n_heads / n_kv_heads)`` (GQA; MHA
+    without ``n_kv_heads``)."""
     _positive(name, head_dim=head_dim)
     if wq.shape[0] % head_dim:
         raise ValueError(f"{name}: wq has {wq.shape[0]} rows, not a whole number of heads of {head_dim}")
@@ -113,11 +130,13 @@ def mha(name: str, wq: torch.Tensor, wk: torch.Tensor, *, head_dim: int,
         raise ValueError(f"{name}: {n_heads} query heads do not form groups of {n_kv} key heads")
     _check_rows(name, "wk", wk, n_kv * head_dim)
     group = n_heads // n_kv
-    return AttentionHeads(name, _blocks(wq, 0, head_dim, n_heads, head_dim), _blocks(wk, 0, head_dim, n_kv, head_dim),
-                          tuple(h // group for h in range(n_heads)))
+    heads = AttentionHeads(name, _blocks(wq, 0, head_dim, n_heads, head_dim), _blocks(wk, 0, head_dim, n_kv, head_dim),
+                           tuple(h // group for h in range(n_heads)))
+    return with_bias(with_bias(heads, wq, q_bias), wk, k_bias)
 
 
-def fused_qkv(name: str, wqkv: torch.Tensor, *, n_kv_heads: int, heads_per_kv: int, head_dim: int) -> AttentionHeads:
+def fused_qkv(name: str, wqkv: torch.Tensor, *, n_kv_heads: int, heads_per_kv: int, head_dim: int,
+              bias: Optional[torch.Tensor] = None) -> AttentionHeads:
     """A fused QKV weight interleaved per key head, rows ``(n_kv_heads, heads_per_kv + 2, head_dim)``
     (torchtitan 0.3.0's ``FusedQKVLinear``): per group its query heads, then its key, then its value."""
     _positive(name, n_kv_heads=n_kv_heads, heads_per_kv=heads_per_kv, head_dim=head_dim)
@@ -126,23 +145,27 @@ def fused_qkv(name: str, wqkv: torch.Tensor, *, n_kv_heads: int, heads_per_kv: i
     q = tuple((Rows(wqkv, g * period + i * head_dim, g * period + (i + 1) * head_dim),)
               for g in range(n_kv_heads) for i in range(heads_per_kv))
     k = _blocks(wqkv, heads_per_kv * head_dim, head_dim, n_kv_heads, period)
-    return AttentionHeads(name, q, k, tuple(h // heads_per_kv for h in range(n_kv_heads * heads_per_kv)))
+    heads = AttentionHeads(name, q, k, tuple(h // heads_per_kv for h in range(n_kv_heads * heads_per_kv)))
+    return with_bias(heads, wqkv, bias)
 
 
-def packed_qkv(name: str, wqkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, head_dim: int) -> AttentionHeads:
+def packed_qkv(name: str, wqkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, head_dim: int,
+               bias: Optional[torch.Tensor] = None) -> AttentionHeads:
     """A fused QKV weight stacked ``[Q; K; V]`` (all query heads, then all keys, then all values)."""
     _positive(name, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim)
     if n_heads % n_kv_heads:
         raise ValueError(f"{name}: {n_heads} query heads do not form groups of {n_kv_heads} key heads")
     _check_rows(name, "wqkv", wqkv, (n_heads + 2 * n_kv_heads) * head_dim)
     group = n_heads // n_kv_heads
-    return AttentionHeads(name, _blocks(wqkv, 0, head_dim, n_heads, head_dim),
-                          _blocks(wqkv, n_heads * head_dim, head_dim, n_kv_heads, head_dim),
-                          tuple(h // group for h in range(n_heads)))
+    heads = AttentionHeads(name, _blocks(wqkv, 0, head_dim, n_heads, head_dim),
+                           _blocks(wqkv, n_heads * head_dim, head_dim, n_kv_heads, head_dim),
+                           tuple(h // group for h in range(n_heads)))
+    return with_bias(heads, wqkv, bias)
 
 
 def mla(name: str, wq: torch.Tensor, wkv_b: torch.Tensor, *, n_heads: int, qk_nope_head_dim: int,
-        qk_rope_head_dim: int, v_head_dim: int) -> AttentionHeads:
+        qk_rope_head_dim: int, v_head_dim: int, wq_bias: Optional[torch.Tensor] = None,
+        wkv_b_bias: Optional[torch.Tensor] = None) -> AttentionHeads:
     """Multi-head latent attention (DeepSeek-V3): ``wq`` (or ``wq_b``) rows per head
     ``[q_C (qk_nope_head_dim); q_R (qk_rope_head_dim)]``, ``wkv_b`` rows per head
     ``[k_C (qk_nope_head_dim); v (v_head_dim)]``. The shared rotary key (in ``wkv_a``) is not scaled."""
@@ -151,9 +174,10 @@ def mla(name: str, wq: torch.Tensor, wkv_b: torch.Tensor, *, n_heads: int, qk_no
     q_dim, kv_dim = qk_nope_head_dim + qk_rope_head_dim, qk_nope_head_dim + v_head_dim
     _check_rows(name, "wq", wq, n_heads * q_dim)
     _check_rows(name, "wkv_b", wkv_b, n_heads * kv_dim)
-    return AttentionHeads(name, _blocks(wq, 0, qk_nope_head_dim, n_heads, q_dim),
-                          _blocks(wkv_b, 0, qk_nope_head_dim, n_heads, kv_dim), tuple(range(n_heads)),
-                          q_rope=_blocks(wq, qk_nope_head_dim, qk_rope_head_dim, n_heads, q_dim))
+    heads = AttentionHeads(name, _blocks(wq, 0, qk_nope_head_dim, n_heads, q_dim),
+                           _blocks(wkv_b, 0, qk_nope_head_dim, n_heads, kv_dim), tuple(range(n_heads)),
+                           q_rope=_blocks(wq, qk_nope_head_dim, qk_rope_head_dim, n_heads, q_dim))
+    return with_bias(with_bias(heads, wq, wq_bias), wkv_b, wkv_b_bias)
 
 
 # ----------------------------------------------------------------------------- settings

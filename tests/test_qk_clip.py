@@ -477,10 +477,10 @@ def _torchtitan_022() -> bool:
 torchtitan_022 = pytest.mark.skipif(not _torchtitan_022(), reason="torchtitan 0.2.2 models (0.3.0: tests/torchtitan030)")
 
 
-def tt_model(kind: str) -> nn.Module:
+def tt_model(kind: str, biased: bool = False) -> nn.Module:
     """A small torchtitan 0.2.2 model, the same on every rank: llama3 with GQA (4 query heads over 2
     keys) or deepseek_v3 dense MLA (wq_a/wq_b, yarn softmax scale); q/k weights enlarged so the
-    logits are O(1)."""
+    logits are O(1). ``biased``: those projections get biases of the size of their outputs."""
     torch.manual_seed(0)
     if kind == "llama3":
         from torchtitan.models.llama3.model.args import TransformerModelArgs
@@ -501,8 +501,14 @@ def tt_model(kind: str) -> nn.Module:
     with torch.no_grad():
         model.init_weights()
         for layer in model.layers.values():
-            for name in big:
-                getattr(layer.attention, name).weight.mul_(30)
+            for i, name in enumerate(big):
+                linear = getattr(layer.attention, name)
+                linear.weight.mul_(30)
+                if biased and name != "wkv_a":  # wkv_a's output is normalised (kv_norm): no bias reaches k
+                    with_bias = nn.Linear(linear.in_features, linear.out_features, bias=True)
+                    with_bias.weight.copy_(linear.weight)
+                    with_bias.bias.copy_(seeded((linear.out_features,), 70 + i) * 3)
+                    setattr(layer.attention, name, with_bias)
     return model
 
 
@@ -510,10 +516,10 @@ def tt_tokens() -> torch.Tensor:
     return torch.randint(0, 64, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
 
 
-def explicit_maxima(kind: str, weights: Optional[dict] = None) -> torch.Tensor:
+def explicit_maxima(kind: str, weights: Optional[dict] = None, biased: bool = False) -> torch.Tensor:
     """Per layer and head, max of the causal q·kᵀ·scale computed whole from the q and k attention
     receives (captured on one process, full batch), with ``weights`` if given."""
-    model = tt_model(kind)
+    model = tt_model(kind, biased)
     if weights is not None:
         model.load_state_dict(weights)
     seen = []
@@ -594,6 +600,31 @@ def test_hook_maxima_equal_explicit_qk_and_the_clip_bounds_the_next_forward(pool
         torch.testing.assert_close(torch.tensor(second), explicit_maxima(kind, weights), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor(second[:heads]), want[:heads].clamp(max=tau), rtol=1e-5, atol=1e-6)
         assert max(second[:heads]) <= tau * (1 + 1e-3) < max(first[:heads])
+
+
+@torchtitan_022
+@pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
+def test_the_clip_scales_q_and_k_biases_with_their_weights(kind):
+    """Projections with biases (W x + b): the builder registers each head's bias rows with its
+    weight rows, so the clip scales the logits themselves: the next forward on the same batch has
+    the first layer's heads at min(S_h, τ) (one process; the bias rows shard like any row)."""
+    from dist_muon.integrations.torchtitan import qk_logits
+
+    want = explicit_maxima(kind, biased=True)
+    assert not torch.allclose(want, explicit_maxima(kind))  # the biases move the logits
+    tau, heads = float(want.median()), len(want) // 2
+    model = tt_model(kind, biased=True)
+    found = qk_logits.attentions(model)
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    assert all(any(id(r.param) in biases for r in head) for a in found for head in a.heads.q + a.heads.k)
+    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=tau,
+                      qk_clip_heads=[a.heads for a in found])
+    qk_logits.install(found, opt, qk_logits.BNLH)
+    (model(tt_tokens()).float() ** 2).mean().backward()
+    opt.step()
+    torch.testing.assert_close(opt.qk_clip.last_maxima, want, rtol=1e-5, atol=1e-5)
+    after = explicit_maxima(kind, {n: p.detach() for n, p in model.named_parameters()}, biased=True)
+    torch.testing.assert_close(after[:heads], want[:heads].clamp(max=tau), rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_max_logits_equal_the_whole_computation_with_masks():

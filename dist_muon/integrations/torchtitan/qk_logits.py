@@ -70,7 +70,8 @@ def _mla(name: str, m: nn.Module) -> Optional[Attention]:
         return None
     wq = m.wq if isinstance(getattr(m, "wq", None), nn.Linear) else m.wq_b  # q_lora_rank 0, or > 0
     heads = qk.mla(name, wq.weight, m.wkv_b.weight, n_heads=m.n_heads, qk_nope_head_dim=m.qk_nope_head_dim,
-                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim)
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, wq_bias=wq.bias,
+                   wkv_b_bias=m.wkv_b.bias)
     return Attention(name, m, heads, wq.weight)
 
 
@@ -84,10 +85,12 @@ def _gqa(name: str, m: nn.Module) -> Optional[Attention]:
     if not all(isinstance(v, int) for v in (n_heads, n_kv, head_dim)):
         return None
     if isinstance(getattr(proj, "wqkv", None), nn.Linear):
-        heads = qk.fused_qkv(name, proj.wqkv.weight, n_kv_heads=n_kv, heads_per_kv=n_heads // n_kv, head_dim=head_dim)
+        heads = qk.fused_qkv(name, proj.wqkv.weight, n_kv_heads=n_kv, heads_per_kv=n_heads // n_kv, head_dim=head_dim,
+                             bias=proj.wqkv.bias)
         return Attention(name, m, heads, proj.wqkv.weight)
     if isinstance(getattr(proj, "wq", None), nn.Linear) and isinstance(getattr(proj, "wk", None), nn.Linear):
-        heads = qk.mha(name, proj.wq.weight, proj.wk.weight, head_dim=head_dim, n_kv_heads=n_kv)
+        heads = qk.mha(name, proj.wq.weight, proj.wk.weight, head_dim=head_dim, n_kv_heads=n_kv,
+                       q_bias=proj.wq.bias, k_bias=proj.wk.bias)
         return Attention(name, m, heads, proj.wq.weight)
     return None
 
