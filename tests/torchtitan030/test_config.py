@@ -265,6 +265,18 @@ def test_override_leaves_our_own_config_alone():
     assert config.optimizer is before and isinstance(before, OptimizersContainer.Config)
 
 
+def test_qk_clip_with_context_parallelism_is_refused_at_parse_time(capsys):
+    """A CP rank holds only its chunk of the keys, so its max logits would be wrong: refused before
+    any process group, naming the field and the fix; without τ, or with CP 1, the config parses."""
+    cp = ("--parallelism.context_parallel_degree", "2")
+    with pytest.raises((dm_titan.ConfigError, SystemExit)) as raised:
+        parse("--optimizer.qk_clip_threshold", "50", *cp)
+    message = " ".join((str(raised.value) + capsys.readouterr().err).replace("│", " ").split())
+    assert "qk_clip_threshold" in message and "context_parallel_degree = 1" in message, message
+    assert parse(*cp).parallelism.context_parallel_degree == 2
+    assert parse("--optimizer.qk_clip_threshold", "50").optimizer.qk_clip_threshold == 50.0
+
+
 def test_spmd_types_on_several_ranks_is_refused_at_parse_time(monkeypatch, capsys):
     """torch 2.13's FSDP2 cannot shard spmd_types' plain parameters: say what to use, before any
     process group (torchtitan itself would fail later with "Got plain tensor for parameter 'weight'")."""
