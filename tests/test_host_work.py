@@ -4,6 +4,8 @@ Deterministic counts only: dispatched aten ops (each at least one kernel launch 
 schedule's copy records, and allocator-measured memory. No timing.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -109,6 +111,32 @@ def test_peak_transient_memory_stays_within_the_bucket_budget_under_fsdp(pool2):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@contextlib.contextmanager
+def counted_host_syncs():
+    """Any host sync raises (``set_sync_debug_mode("error")``) but those of ``Tensor.tolist``, which
+    are counted: the step's one allowed sync is the agreement vector the host reads back.
+    Yields the list of the tolist calls' devices."""
+    syncs = []
+    original = torch.Tensor.tolist
+
+    def counted(self):
+        syncs.append(self.device)
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return original(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    torch.cuda.synchronize()
+    torch.Tensor.tolist = counted
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield syncs
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.Tensor.tolist = original
+
+
 @cuda
 def test_a_warm_cuda_step_syncs_the_host_at_most_once():
     params = [nn.Parameter(p.detach().cuda()) for p in mixed_params()]
@@ -117,25 +145,8 @@ def test_a_warm_cuda_step_syncs_the_host_at_most_once():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    torch.cuda.synchronize()
-    syncs = []
-    original = torch.Tensor.tolist
-
-    def counted(self):  # the one allowed sync: the agreement vector read back by the host
-        syncs.append(self.device)
-        torch.cuda.set_sync_debug_mode(0)
-        try:
-            return original(self)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    torch.Tensor.tolist = counted
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with counted_host_syncs() as syncs:
         opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        torch.Tensor.tolist = original
     assert len(syncs) == 1
 
 

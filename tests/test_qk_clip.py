@@ -76,10 +76,8 @@ class Attention(nn.Module):
 
 def heads_of(m: Attention) -> list[qk.AttentionHeads]:
     hd = GQA["hd"]
-    gqa = qk.mha("gqa", m.gqa_q.weight, m.gqa_k.weight, head_dim=hd, n_kv_heads=GQA["n_kv"])
-    # The bias: each query head's rows of weight and bias together (the general form of the API).
-    gqa = qk.AttentionHeads("gqa", tuple(head + (qk.Rows(m.gqa_q.bias, h * hd, (h + 1) * hd),)
-                                         for h, head in enumerate(gqa.q)), gqa.k, gqa.kv_head)
+    # the bias: each query head's rows of weight and bias together
+    gqa = qk.mha("gqa", m.gqa_q.weight, m.gqa_k.weight, head_dim=hd, n_kv_heads=GQA["n_kv"], q_bias=m.gqa_q.bias)
     return [
         gqa,
         qk.fused_qkv("fused", m.fused.weight, n_kv_heads=FUSED["n_kv"], heads_per_kv=FUSED["hpk"], head_dim=FUSED["hd"]),
@@ -259,6 +257,37 @@ def test_one_process_equals_the_fp64_reference():
 
 def test_one_process_cuda_graph_step_clips_too():
     _check([clip_errors("plain", cuda_graph=True)])  # eager on CPU: the same prologue and body
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_cuda_clip_equals_the_cpu_clip_without_a_host_sync(cuda_graph):
+    """On the device, eager or in the graphed step (captured in the first steps, the clip right after
+    the replay): the same weights as on the CPU, and a warm step syncs the host no more than
+    without QK-clip (the agreement vector's one read)."""
+    from test_host_work import counted_host_syncs
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    models = {d: Attention().to(d) for d in ("cpu", "cuda")}
+    opts = {d: dm.DistMuon(groups_of(m), **OPT, qk_clip_threshold=TAU, qk_clip_heads=heads_of(m),
+                           cuda_graph=cuda_graph and d == "cuda") for d, m in models.items()}
+    for step in range(4):
+        for d, m in models.items():
+            for i, p in enumerate(m.parameters()):
+                p.grad = seeded(p.shape, 100 * step + i).to(d)
+            opts[d].qk_clip.max_logits.copy_(base_maxima() * (1 + step))
+        opts["cpu"].step()
+        if step < 3:
+            opts["cuda"].step()
+            continue
+        with counted_host_syncs() as syncs:
+            opts["cuda"].step()
+        assert len(syncs) <= 1, syncs
+    if cuda_graph:
+        assert opts["cuda"]._graphed.graph is not None, "the step was not captured"
+    assert int(opts["cuda"].last_step_stats.qk_heads_clipped) == int((base_maxima() * 4 > TAU).sum())
+    for (name, c), g in zip(models["cpu"].named_parameters(), models["cuda"].parameters()):
+        torch.testing.assert_close(g.detach().cpu(), c.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
