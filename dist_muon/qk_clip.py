@@ -112,7 +112,7 @@ def with_bias(heads: AttentionHeads, weight: torch.Tensor, bias: Optional[torch.
         return head + tuple(Rows(bias, r.start, r.stop) for r in head if r.param is weight)
 
     return replace(heads, q=tuple(map(join, heads.q)), k=tuple(map(join, heads.k)),
-                               q_rope=tuple(map(join, heads.q_rope)))
+                   q_rope=tuple(map(join, heads.q_rope)))
 
 
 def mha(name: str, wq: torch.Tensor, wk: torch.Tensor, *, head_dim: int, n_kv_heads: Optional[int] = None,

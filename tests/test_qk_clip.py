@@ -631,6 +631,82 @@ def test_hook_maxima_equal_explicit_qk_and_the_clip_bounds_the_next_forward(pool
         assert max(second[:heads]) <= tau * (1 + 1e-3) < max(first[:heads])
 
 
+def _attention_output_stand_in(q, k, v, **kwargs):
+    """The attention's output shape from its values: torch's context-parallel SDPA (ring attention)
+    dispatches only the CUDA kernels (CPU: "_scaled_dot_product_flash_attention_for_cpu does not
+    have a sharding strategy"), so the CP test below stands in for the output alone. The hooks run
+    before it, on the q and k CP gives the attention."""
+    v = v.to_local() if hasattr(v, "to_local") else v
+    return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+
+def cp_hook_maxima(kind: str, load_balancer: Optional[str], tau: float) -> tuple[list, list, str]:
+    """The reduced maxima of two steps (lr 0) under torchtitan 0.2.2's context parallelism over all
+    ranks: its CP plan on every attention, its input sharding (``load_balancer``: head-tail or
+    contiguous) with the token positions, FSDP over the CP ranks (as torchtitan shards over
+    dp_shard_cp), the hooks installed as the builder does; and the error of a CP forward without
+    positions."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.experimental._attention import _disable_context_parallel_dispatcher
+    from torchtitan.distributed.context_parallel import apply_cp_to_attention_module, prepare_context_parallel_input
+
+    from dist_muon.integrations.torchtitan import qk_logits
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("cp",))
+    model = tt_model(kind)
+    inners = [layer.attention.inner_attention for layer in model.layers.values()]
+    apply_cp_to_attention_module(inners, mesh, "sdpa")
+    try:
+        for inner in inners:
+            inner.forward = _attention_output_stand_in
+        for layer in model.layers.values():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        found = qk_logits.attentions(model)
+        opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=tau,
+                          qk_clip_heads=[a.heads for a in found])
+        qk_logits.install(found, opt, qk_logits.BNLH, chunk=5, part=model)
+        maxima, orders = [], []
+        for _ in range(2):
+            tokens = tt_tokens()
+            inputs, _, kwargs = prepare_context_parallel_input(tokens, tokens.clone(), {}, mesh, torch.device("cpu"),
+                                                               load_balancer)
+            orders.append(kwargs["positions"][0].tolist())
+            (model(inputs, **kwargs).float() ** 2).mean().backward()
+            opt.step()
+            maxima.append(opt.qk_clip.last_maxima.tolist())
+        with pytest.raises(ValueError) as raised:
+            model(inputs)
+        return maxima, orders, str(raised.value)
+    finally:
+        _disable_context_parallel_dispatcher()
+
+
+@torchtitan_022
+@pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
+@pytest.mark.parametrize("load_balancer", ["headtail", None])
+def test_hook_maxima_under_context_parallelism_equal_explicit_qk_of_the_whole_sequence(pool2, kind, load_balancer):
+    """Each CP rank holds a load-balanced part of every sequence: the hook gathers the keys over
+    the CP ranks and masks by the tokens' global positions, the step's all-reduce combines the
+    ranks' queries. The first layer's q and k depend on the tokens and positions alone, so its
+    maxima equal explicit QKᵀ of the whole sequence on one process, and after the clip (lr 0)
+    they are min(S_h, τ). (Later layers' inputs come through the stand-in attention output.)"""
+    want = explicit_maxima(kind)
+    heads = len(want) // 2
+    tau = float(want[:heads].median())
+    results = pool2.run(cp_hook_maxima, kind, load_balancer, tau)
+    half = SEQ // 2
+    expected_orders = ([[0, 1, 2, 9, 10, 11], [3, 4, 5, 6, 7, 8]] if load_balancer
+                       else [list(range(half)), list(range(half, SEQ))])
+    assert [orders[0] for _, orders, _ in results] == expected_orders  # the shards are what the test says
+    for (first, second), _, error in results:
+        torch.testing.assert_close(torch.tensor(first[:heads]), want[:heads], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(second[:heads]), want[:heads].clamp(max=tau), rtol=1e-5, atol=1e-6)
+        assert max(second[:heads]) <= tau * (1 + 1e-3) < max(first[:heads])
+        assert "positions" in error and "part=model" in error
+
+
 @torchtitan_022
 @pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
 def test_the_clip_scales_q_and_k_biases_with_their_weights(kind):
@@ -787,13 +863,21 @@ def test_qk_norm_models_and_unsupported_parallelism_are_refused():
     with pytest.raises(ValueError, match="QK-norm"):
         attentions(qwen)
     cfg = DistMuonOptimizer(name="DistMuon", qk_clip_threshold=10.0)
-    dims = dict(cp_enabled=False, dp_replicate_enabled=False, fsdp_enabled=True)
-    check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "dp_replicate_enabled": True}))  # HSDP
-    with pytest.raises(ConfigError, match="context parallelism"):
-        check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "cp_enabled": True}))
+    dims = dict(cp_enabled=False, pp_enabled=False, dp_replicate_enabled=False, fsdp_enabled=True)
+
+    def check(config=cfg, context_parallel=True, **changed):
+        check_qk_clip_parallelism(config, SimpleNamespace(**{**dims, **changed}), context_parallel=context_parallel)
+
+    check(dp_replicate_enabled=True)  # HSDP
+    check(cp_enabled=True)  # 0.2.2
+    check(pp_enabled=True)
+    with pytest.raises(ConfigError, match="0.2.2 only"):
+        check(cp_enabled=True, context_parallel=False)  # 0.3.0
+    with pytest.raises(ConfigError, match="context and pipeline parallelism"):
+        check(cp_enabled=True, pp_enabled=True)
     with pytest.raises(ConfigError, match="pure DDP"):
-        check_qk_clip_parallelism(cfg, SimpleNamespace(**{**dims, "dp_replicate_enabled": True, "fsdp_enabled": False}))
-    check_qk_clip_parallelism(DistMuonOptimizer(name="DistMuon"), SimpleNamespace(**{**dims, "cp_enabled": True}))
+        check(dp_replicate_enabled=True, fsdp_enabled=False)
+    check(DistMuonOptimizer(name="DistMuon"), cp_enabled=True, pp_enabled=True, context_parallel=False)  # off
 
 
 # --------------------------------------------------------------------------- training (torchrun, 2 CPU ranks)

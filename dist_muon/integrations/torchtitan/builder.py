@@ -50,7 +50,7 @@ def build_dist_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_
     """Same signature as ``torchtitan.components.optimizer.build_optimizers``."""
     if ft_manager is not None and ft_manager.enabled:
         raise NotImplementedError("DistMuon does not support torchft fault tolerance yet")
-    check_qk_clip_parallelism(optimizer_config, parallel_dims)
+    check_qk_clip_parallelism(optimizer_config, parallel_dims, context_parallel=True)
     return DistMuonOptimizersContainer(model_parts, optimizer_config)
 
 

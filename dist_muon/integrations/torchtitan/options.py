@@ -264,15 +264,21 @@ def _check_state_dtype(cfg) -> None:
         fail("state_dtype", str(e).removeprefix("state_dtype: "))
 
 
-def check_qk_clip_parallelism(cfg, parallel_dims) -> None:
-    """QK-clip's layouts: context parallelism is refused (a rank holds only its chunk of the keys),
-    and so is pure DDP in 0.2.2 (plain replicated parameters, which each replica would clip with
-    its own maxima); FSDP, HSDP, TP, PP and EP are supported."""
+def check_qk_clip_parallelism(cfg, parallel_dims, *, context_parallel: bool) -> None:
+    """QK-clip's layouts: FSDP, HSDP, TP, PP and EP are supported, and context parallelism where
+    ``context_parallel`` (torchtitan 0.2.2 with SDPA: the hook gathers the keys over the CP ranks;
+    not with PP, whose later stages do not receive the positions). Pure DDP is refused in 0.2.2
+    (plain replicated parameters, which each replica would clip with its own maxima)."""
     if getattr(cfg, "qk_clip_threshold", None) is None or parallel_dims is None:
         return
-    if parallel_dims.cp_enabled:
-        fail("qk_clip_threshold", "QK-clip does not support context parallelism (the max-logit hook needs all keys "
-                                  "of a sequence on one rank); unset it or set context_parallel_degree = 1")
+    if parallel_dims.cp_enabled and not context_parallel:
+        fail("qk_clip_threshold", "QK-clip supports context parallelism in torchtitan 0.2.2 only (0.3.0's attention "
+                                  "gathers the keys after the max-logit hook); unset it or set "
+                                  "context_parallel_degree = 1")
+    if parallel_dims.cp_enabled and parallel_dims.pp_enabled:
+        fail("qk_clip_threshold", "QK-clip does not support context and pipeline parallelism together (later stages "
+                                  "receive no token positions); unset it, or set context_parallel_degree = 1 or "
+                                  "pipeline_parallel_degree = 1")
     if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled:
         fail("qk_clip_threshold", "QK-clip does not support pure DDP (data_parallel_replicate_degree > 1 without "
                                   "sharding); use HSDP (data_parallel_shard_degree > 1) or FSDP")

@@ -19,7 +19,11 @@ O(batch · heads · seq · chunk), never seq²), under the causal mask (SDPA) or
 MAX over its ranks (data, tensor and context parallel ones; each pipeline stage has its own heads
 and its own optimizer). It records only in forwards that build a graph (training, not evaluation
 or the recomputation of activation checkpointing) and is not installed when QK-clip is off.
-Context parallelism is refused: a rank holds only its own chunk of the keys.
+
+Context parallelism (0.2.2, SDPA): q and k arrive as DTensors sharded on the sequence over the CP
+mesh, each rank holding a load-balanced part of it. The hook all-gathers the keys over the CP ranks
+and masks by the global token positions the model part received (``positions``); 0.3.0's CP, whose
+attention gathers the keys after this hook, is refused.
 """
 
 from __future__ import annotations
@@ -108,30 +112,41 @@ def _mask_mod_chunk(mask_mod: Callable, batch: int, q_idx: torch.Tensor, kv_idx:
 
 @torch.no_grad()
 def max_logits(q: torch.Tensor, k: torch.Tensor, scale: float, *, causal: bool = True,
-               mask_mod: Optional[Callable] = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+               mask_mod: Optional[Callable] = None, chunk: int = DEFAULT_CHUNK,
+               q_positions: Optional[torch.Tensor] = None, k_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per query head, the largest ``q·k·scale`` over batch, queries and (unmasked) keys.
 
     ``q``: [B, Hq, Sq, d], ``k``: [B, Hkv, Sk, d]; query head ``h`` attends with key head
     ``h // (Hq / Hkv)`` (SDPA's ``enable_gqa``). ``mask_mod`` (a flex mask) replaces ``causal``.
-    Keys are taken ``chunk`` at a time; under a causal mask only the queries that see a chunk are
+    ``q_positions``/``k_positions`` (both or neither): each query's and key's position in the
+    sequence, for the causal mask, when they are not in order (context parallelism's load-balanced
+    shards); without them queries are the last Sq of Sk positions. Keys are taken ``chunk`` at a
+    time; with ordered positions under a causal mask only the queries that see a chunk are
     multiplied with it. Computed in float32.
     """
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads do not form groups over {n_kv} key heads")
+    if (q_positions is None) != (k_positions is None):
+        raise ValueError("max_logits: pass both q_positions and k_positions, or neither")
+    if q_positions is not None and mask_mod is not None:
+        raise ValueError("max_logits: positions apply to the causal mask, not to a flex mask_mod")
     qg = q.float().reshape(batch, n_kv, n_heads // n_kv, sq, d)
     kf = k.float()
     best = torch.full((n_kv, n_heads // n_kv), -math.inf, device=q.device)
-    positions = torch.arange(max(sq, sk), device=q.device)
-    offset = sk - sq  # queries are the last sq positions (sq == sk in training)
+    ordered = q_positions is None
+    if ordered:
+        positions = torch.arange(max(sq, sk), device=q.device)
+        q_positions, k_positions = positions[:sq], positions[:sk]
+    offset = sk - sq if ordered else 0  # ordered: queries are the last sq positions (sq == sk in training)
     for j0 in range(0, sk, chunk):
         j1 = min(sk, j0 + chunk)
-        i0 = max(0, j0 - offset) if mask_mod is None and causal else 0
+        i0 = max(0, j0 - offset) if ordered and mask_mod is None and causal else 0
         if i0 >= sq:
             break
         logits = torch.einsum("bgrqd,bgkd->bgrqk", qg[:, :, :, i0:], kf[:, :, j0:j1]).mul_(scale)
-        q_idx, kv_idx = positions[i0:sq], positions[j0:j1]
+        q_idx, kv_idx = q_positions[i0:], k_positions[j0:j1]
         if mask_mod is not None:
             keep = _mask_mod_chunk(mask_mod, batch, q_idx, kv_idx)[:, None, None]
         elif causal:
@@ -156,11 +171,25 @@ def _in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+class SequencePositions:
+    """The global sequence positions of this rank's tokens in the current forward, as torchtitan
+    0.2.2 passes them to the model under context parallelism (``positions``, [B, S/cp], ordered
+    by its load balancer); None without CP. A forward pre-hook on the model part sets them."""
+
+    def __init__(self):
+        self.current: Optional[torch.Tensor] = None
+
+    def __call__(self, module, args, kwargs) -> None:
+        self.current = kwargs.get("positions")
+
+
 class MaxLogitHook:
     """Forward pre-hook (with kwargs) on one layer's ``inner_attention``."""
 
-    def __init__(self, attention: Attention, clip: qk.QKClip, layout: str, chunk: int):
+    def __init__(self, attention: Attention, clip: qk.QKClip, layout: str, chunk: int,
+                 positions: Optional[SequencePositions] = None):
         self.name, self.clip, self.layout, self.chunk = attention.name, clip, layout, chunk
+        self.positions = positions
         self.n_heads = attention.heads.n_heads
         self.tp = _tp_coordinate(attention.query_weight)
         # flex attention without a BlockMask attends everywhere; SDPA's default is causal
@@ -178,8 +207,8 @@ class MaxLogitHook:
                 raise ValueError(f"QK-clip: {self.name}'s attention masks are {type(mask).__name__}; the max-logit "
                                  "hook understands causal SDPA and flex BlockMasks (use attn type sdpa or flex)")
         head_dim = 1 if self.layout == BNLH else 2
-        q, first = self._local(q, head_dim)
-        k, _ = self._local(k, head_dim, query=False)
+        q, first, cp = self._local(q, head_dim)
+        k, _, _ = self._local(k, head_dim, query=False)
         if self.layout == BLNH:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         lengths = getattr(mask, "seq_lengths", None)
@@ -188,33 +217,67 @@ class MaxLogitHook:
             raise ValueError(f"QK-clip: {self.name}'s mask is for {tuple(lengths)} query/key positions but the "
                              f"attention receives {q.shape[2]}/{k.shape[2]} (context parallelism?); the max-logit "
                              "hook needs every key of a query's sequence on its rank")
+        if self.positions is not None and self.positions.current is not None and cp is None:
+            # 0.2.2's flex CP gathers the keys before this hook and shards the mask's queries
+            raise ValueError(f"QK-clip: {self.name} runs with context parallelism and flex attention; QK-clip "
+                             "supports context parallelism with SDPA (attn_type \"sdpa\") only")
+        q_positions = k_positions = None
+        if cp is not None:
+            k, q_positions, k_positions = self._gather_keys(k, cp)
         scale = kwargs.get("scale")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         causal = kwargs.get("is_causal", self.unmasked_is_causal)
-        maxima = max_logits(q, k, scale, causal=causal, mask_mod=mask_mod, chunk=self.chunk)
+        maxima = max_logits(q, k, scale, causal=causal, mask_mod=mask_mod, chunk=self.chunk,
+                            q_positions=q_positions, k_positions=k_positions)
         self.clip.record(self.name, maxima, first_head=first)
 
-    def _local(self, t: torch.Tensor, head_dim: int, query: bool = True) -> tuple[torch.Tensor, int]:
-        """The local tensor and (queries) the global index of its first head."""
+    def _local(self, t: torch.Tensor, head_dim: int, query: bool = True):
+        """The local tensor, (queries) the global index of its first head, and the context-parallel
+        mesh its sequence is sharded over (None without CP)."""
         from torch.distributed.tensor import DTensor, Shard
 
         seq_dim = 3 - head_dim  # 2 for BNLH, 1 for BLNH
+        cp = None
         if isinstance(t, DTensor):
-            if any(isinstance(p, Shard) and p.dim == seq_dim for p in t.placements):
-                raise ValueError(f"QK-clip: {self.name} runs with context parallelism (q/k sharded on the sequence); "
-                                 "the max-logit hook needs every key of a query's sequence on its rank: turn QK-clip "
-                                 "or context parallelism off")
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+            sharded = {p.dim for p in t.placements if isinstance(p, Shard)}
+            if seq_dim in sharded:
+                # 0.2.2's context parallelism (torch's _ContextParallel style): a 1-D CP mesh
+                if t.device_mesh.ndim != 1 or len(t.placements) != 1:
+                    raise ValueError(f"QK-clip: {self.name}'s q/k are sharded on the sequence over a "
+                                     f"{t.device_mesh.ndim}-D mesh; context parallelism needs a 1-D CP mesh")
+                cp = t.device_mesh
+            elif head_dim in sharded:
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-            return t.to_local(), int(offset[head_dim])
+                _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+                return t.to_local(), int(offset[head_dim]), None
+            t = t.to_local()
         local_heads = t.shape[head_dim]
         if not query or local_heads == self.n_heads:
-            return t, 0
+            return t, 0, cp
         if self.tp is None:
             raise ValueError(f"QK-clip: {self.name} sees {local_heads} of {self.n_heads} query heads but its weights "
                              "have no 'tp' mesh dim to place them")
-        return t, self.tp * local_heads
+        return t, self.tp * local_heads, cp
+
+    def _gather_keys(self, k: torch.Tensor, cp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every key of the sequence (all-gathered over the CP mesh, in rank order), the global
+        positions of this rank's queries and of the gathered keys. Functional collectives: they
+        trace into compiled blocks."""
+        from torch.distributed import _functional_collectives as funcol
+
+        current = None if self.positions is None else self.positions.current
+        if current is None:
+            raise ValueError(f"QK-clip: {self.name} runs with context parallelism but the model received no "
+                             "'positions' (torchtitan 0.2.2 passes them under CP); install the hooks with "
+                             "install(..., part=model)")
+        q_positions = current[0].to(device=k.device, dtype=torch.long)  # the load balancer's order, per batch alike
+        if q_positions.numel() != k.shape[2]:
+            raise ValueError(f"QK-clip: {self.name} holds {k.shape[2]} positions of the sequence but the model "
+                             f"received {q_positions.numel()} positions")
+        keys = funcol.all_gather_tensor(k.detach().contiguous(), gather_dim=2, group=cp)
+        k_positions = funcol.all_gather_tensor(q_positions, gather_dim=0, group=cp)
+        return funcol.wait_tensor(keys), q_positions, funcol.wait_tensor(k_positions)
 
 
 def _qk_from_kwargs(kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,19 +297,24 @@ def _tp_coordinate(weight: torch.Tensor) -> Optional[int]:
     return weight.device_mesh.get_local_rank(names.index("tp")) if "tp" in names else None
 
 
-def install(found: list[Attention], opt: dm.DistMuon, layout: str, chunk: int = DEFAULT_CHUNK) -> list:
-    """Register the hooks of ``found`` writing into ``opt``'s maxima; returns the handles."""
+def install(found: list[Attention], opt: dm.DistMuon, layout: str, chunk: int = DEFAULT_CHUNK,
+            part: Optional[nn.Module] = None) -> list:
+    """Register the hooks of ``found`` writing into ``opt``'s maxima; returns the handles. ``part``:
+    the model (part) they are in, whose ``positions`` argument places this rank's tokens under
+    context parallelism (torchtitan 0.2.2)."""
     if opt.qk_clip is None:
         raise ValueError("QK-clip hooks need a DistMuon built with qk_clip_threshold and qk_clip_heads")
     if not isinstance(chunk, int) or chunk <= 0:
         raise ValueError(f"QK-clip: the key chunk must be a positive integer, got {chunk!r}")
-    handles = []
+    handles, positions = [], None
+    if part is not None:
+        positions = SequencePositions()
+        handles.append(part.register_forward_pre_hook(positions, with_kwargs=True))
     for attention in found:
         inner = attention.module.inner_attention
         if "varlen" in type(inner).__name__.lower():
             raise ValueError(f"QK-clip: {attention.name} uses varlen attention; the max-logit hook understands SDPA "
                              "and flex attention")
-        handles.append(inner.register_forward_pre_hook(MaxLogitHook(attention, opt.qk_clip, layout, chunk),
+        handles.append(inner.register_forward_pre_hook(MaxLogitHook(attention, opt.qk_clip, layout, chunk, positions),
                                                        with_kwargs=True))
     return handles
-

@@ -28,7 +28,7 @@ class DistMuonTrainer(Trainer):
         def __post_init__(self) -> None:
             Trainer.Config.__post_init__(self)  # (zero-argument super() fails in a slots dataclass)
             check_backend(self.parallelism.spmd_backend, int(os.environ.get("WORLD_SIZE", "1")))
-            check_qk_clip_parallelism(self.optimizer, _Degrees(self.parallelism))
+            check_qk_clip_parallelism(self.optimizer, _Degrees(self.parallelism), context_parallel=False)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
