@@ -651,6 +651,7 @@ def cp_hook_maxima(kind: str, load_balancer: Optional[str], tau: float) -> tuple
     from torch.distributed.tensor.experimental._attention import _disable_context_parallel_dispatcher
     from torchtitan.distributed.context_parallel import apply_cp_to_attention_module, prepare_context_parallel_input
 
+    from benchmarks.measure import OpCounter
     from dist_muon.integrations.torchtitan import qk_logits
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("cp",))
@@ -673,7 +674,11 @@ def cp_hook_maxima(kind: str, load_balancer: Optional[str], tau: float) -> tuple
             inputs, _, kwargs = prepare_context_parallel_input(tokens, tokens.clone(), {}, mesh, torch.device("cpu"),
                                                                load_balancer)
             orders.append(kwargs["positions"][0].tolist())
-            (model(inputs, **kwargs).float() ** 2).mean().backward()
+            with OpCounter() as ops:
+                out = model(inputs, **kwargs)
+            gathers = ops.ops["all_gather_into_tensor"]  # functional collectives (FSDP's own gathers are c10d ops)
+            assert gathers == len(inners) + 1, ops.ops  # each layer's keys; the positions once per forward
+            (out.float() ** 2).mean().backward()
             opt.step()
             maxima.append(opt.qk_clip.last_maxima.tolist())
         with pytest.raises(ValueError) as raised:

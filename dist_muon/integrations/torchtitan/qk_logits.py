@@ -174,13 +174,25 @@ def _in_backward() -> bool:
 class SequencePositions:
     """The global sequence positions of this rank's tokens in the current forward, as torchtitan
     0.2.2 passes them to the model under context parallelism (``positions``, [B, S/cp], ordered
-    by its load balancer); None without CP. A forward pre-hook on the model part sets them."""
+    by its load balancer); None without CP. A forward pre-hook on the model part sets them; the
+    first attention layer gathers them over the CP ranks, the later ones reuse that."""
 
     def __init__(self):
         self.current: Optional[torch.Tensor] = None
+        self._gathered: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def __call__(self, module, args, kwargs) -> None:
-        self.current = kwargs.get("positions")
+        self.current, self._gathered = kwargs.get("positions"), None
+
+    def of_queries_and_keys(self, cp, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's query positions and those of the keys gathered over ``cp`` (in rank order)."""
+        if self._gathered is None:
+            from torch.distributed import _functional_collectives as funcol
+
+            q_positions = self.current[0].to(device=device, dtype=torch.long)  # the same for every batch row
+            k_positions = funcol.all_gather_tensor(q_positions, gather_dim=0, group=cp)
+            self._gathered = q_positions, funcol.wait_tensor(k_positions)
+        return self._gathered
 
 
 class MaxLogitHook:
@@ -266,18 +278,16 @@ class MaxLogitHook:
         trace into compiled blocks."""
         from torch.distributed import _functional_collectives as funcol
 
-        current = None if self.positions is None else self.positions.current
-        if current is None:
+        if self.positions is None or self.positions.current is None:
             raise ValueError(f"QK-clip: {self.name} runs with context parallelism but the model received no "
                              "'positions' (torchtitan 0.2.2 passes them under CP); install the hooks with "
                              "install(..., part=model)")
-        q_positions = current[0].to(device=k.device, dtype=torch.long)  # the load balancer's order, per batch alike
+        q_positions, k_positions = self.positions.of_queries_and_keys(cp, k.device)
         if q_positions.numel() != k.shape[2]:
             raise ValueError(f"QK-clip: {self.name} holds {k.shape[2]} positions of the sequence but the model "
                              f"received {q_positions.numel()} positions")
         keys = funcol.all_gather_tensor(k.detach().contiguous(), gather_dim=2, group=cp)
-        k_positions = funcol.all_gather_tensor(q_positions, gather_dim=0, group=cp)
-        return funcol.wait_tensor(keys), q_positions, funcol.wait_tensor(k_positions)
+        return funcol.wait_tensor(keys), q_positions, k_positions
 
 
 def _qk_from_kwargs(kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,10 +66,9 @@ def _with_qk_clip(part: nn.Module, groups: list[dict], kwargs: Mapping[str, Any]
     if not found:  # a pipeline stage without attention layers
         return dm.DistMuon(groups, **{**kwargs, "qk_clip_threshold": None})
     opt = dm.DistMuon(groups, **kwargs, qk_clip_heads=[a.heads for a in found])
-    if torchtitan_version()[:2] == (0, 2):  # 0.2.2 passes the CP positions to the model: the hooks read them
-        qk_logits.install(found, opt, qk_logits.BNLH, chunk=cfg.qk_clip_chunk, part=part)
-    else:
-        qk_logits.install(found, opt, qk_logits.BLNH, chunk=cfg.qk_clip_chunk)
+    v022 = torchtitan_version()[:2] == (0, 2)  # 0.2.2 passes the CP positions to the model: the hooks read them
+    qk_logits.install(found, opt, qk_logits.BNLH if v022 else qk_logits.BLNH, chunk=cfg.qk_clip_chunk,
+                      part=part if v022 else None)
     if is_rank0():
         log(f"DistMuon QK-clip: tau {kwargs['qk_clip_threshold']:g}, alpha {kwargs['qk_clip_alpha']:g}, "
             f"{len(found)} attention layers, {opt.qk_clip.n_heads} heads")
