@@ -712,6 +712,44 @@ def test_hook_maxima_under_context_parallelism_equal_explicit_qk_of_the_whole_se
         assert "positions" in error and "part=model" in error
 
 
+def flex_cp_error() -> str:
+    """A llama3 flex-attention model under torchtitan 0.2.2's flex CP plan (which gathers the keys
+    before the hook and shards the mask's queries): the error of its first training forward. Its
+    masks need 2 × 128-token blocks per sequence, hence 256 tokens."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torchtitan.distributed.context_parallel import apply_cp_to_attention_module, prepare_context_parallel_input
+    from torchtitan.models.llama3.model.args import TransformerModelArgs
+    from torchtitan.models.llama3.model.model import Transformer
+
+    from dist_muon.integrations.torchtitan import qk_logits
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("cp",))
+    torch.manual_seed(0)
+    model = Transformer(TransformerModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                             max_seq_len=256, rope_theta=10000, attn_type="flex"))
+    with torch.no_grad():
+        model.init_weights()
+    apply_cp_to_attention_module([layer.attention.inner_attention for layer in model.layers.values()], mesh, "flex")
+    found = qk_logits.attentions(model)
+    opt = dm.DistMuon(dm.build_param_groups(model), lr=0.0, qk_clip_threshold=1.0,
+                      qk_clip_heads=[a.heads for a in found])
+    qk_logits.install(found, opt, qk_logits.BNLH, part=model)
+    tokens = torch.randint(0, 64, (2, 256), generator=torch.Generator().manual_seed(5))
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 256, 256, device="cpu")
+    inputs, _, kwargs = prepare_context_parallel_input(tokens, tokens.clone(), {"attention_masks": mask}, mesh,
+                                                       torch.device("cpu"), "headtail")
+    with pytest.raises(ValueError) as raised:
+        model(inputs, **kwargs)
+    return str(raised.value)
+
+
+@torchtitan_022
+def test_context_parallelism_with_flex_attention_is_refused_at_the_first_forward(pool2):
+    for error in pool2.run(flex_cp_error):
+        assert "context parallelism and flex attention" in error and 'attn_type "sdpa"' in error, error
+
+
 @torchtitan_022
 @pytest.mark.parametrize("kind", ["llama3", "deepseek_v3"])
 def test_the_clip_scales_q_and_k_biases_with_their_weights(kind):
