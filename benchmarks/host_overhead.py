@@ -20,10 +20,8 @@ busy the other cores are.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import time
 
@@ -36,6 +34,7 @@ import dist_muon as dm
 from dist_muon.numerics import resolve_schedule
 from dist_muon.numerics.newton_schulz import orthogonalize_stack
 
+from . import rendezvous
 from .measure import count_ops, peak_transient_bytes
 
 SHAPE = (32, 64)
@@ -100,13 +99,11 @@ def _fsdp_worker(rank: int, world: int, port: int, n: int, reps: int, queue) -> 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
+    rendezvous.init_process_group("nccl" if cuda else "gloo", rank, world, port, 300)
     try:
         device = _device()
         module = nn.Module()
@@ -124,12 +121,10 @@ def _fsdp_worker(rank: int, world: int, port: int, n: int, reps: int, queue) -> 
 
 
 def fsdp(n: int, reps: int, world: int = 2) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = rendezvous.store_server(world)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_fsdp_worker, args=(world, port, n, reps, queue), nprocs=world, join=True,
+    mp.start_processes(_fsdp_worker, args=(world, store.port, n, reps, queue), nprocs=world, join=True,
                        start_method="spawn")
     return {"dist_muon": queue.get()}
 

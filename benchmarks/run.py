@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from . import peers
+from . import peers, rendezvous
 
 # d, layers, heads, kv heads, ffn hidden. ffn ≈ 2.7·d rounded to a multiple of 64; all dims divide 64
 # so every FSDP2 shard is even for W in {1, 2, 4, 8} (muon-fsdp2 needs that).
@@ -219,17 +218,14 @@ def _use_cuda(args) -> bool:
 
 
 def _worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(args.threads)
     cuda = _use_cuda(args)
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    import datetime
-
     # A peer that fails on one rank only would leave the others in a collective: time out instead of hanging.
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.collective_timeout))
+    rendezvous.init_process_group("nccl" if cuda else "gloo", rank, world, port, args.collective_timeout)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -281,12 +277,6 @@ def _worker(rank, world, port, args, queue):
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine() -> dict:
@@ -409,8 +399,9 @@ def _spawn(args) -> tuple[str, object]:
     """Run the workers; ("ok", rank 0's result) or ("error", why). A rank that dies ends the run at once."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    store = rendezvous.store_server(args.world_size)
+    procs = [ctx.Process(target=_worker, args=(r, args.world_size, store.port, args, queue))
+             for r in range(args.world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + args.timeout

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -39,7 +40,37 @@ COLLECTIVE_TIMEOUT = float(os.environ.get("DIST_MUON_COLLECTIVE_TIMEOUT", "300")
 POLL = 0.5  # watchdog period: how soon a dead process is noticed
 
 
+def store_server(world: int):
+    """A rendezvous store listening on a port of its own choosing, for ``world`` clients."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+
+
+def ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port() -> int:
+    """A port free now, for a launcher (torchrun) that binds it later, outside the ephemeral range where possible.
+
+    Outgoing connections (gloo's, of jobs running meanwhile) take their ports from the ephemeral range;
+    a port picked there by the kernel can be taken before the launcher binds it (EADDRINUSE).
+    """
+    ephemeral = ephemeral_ports()
+    candidates = [p for p in range(10000, 65536) if p not in ephemeral]
+    for port in random.SystemRandom().sample(candidates, min(64, len(candidates))):  # whatever a test seeded
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -61,7 +92,9 @@ def _worker(rank: int, world: int, port: int, timeout: float, tasks, results) ->
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    timeout = datetime.timedelta(seconds=timeout)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     while True:
         task = tasks.get()
         if task is None:
@@ -103,11 +136,14 @@ class DistributedPool:
         if TESTS_DIR not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, *paths]))
         ctx.set_forkserver_preload(["pool_preload"])  # once per session: the server starts on first use
-        port = free_port()
+        # The store listens here before any worker starts (as torchrun's agent hosts it): a port picked
+        # free for rank 0 to bind later can be taken in between by other gloo connections (EADDRINUSE).
+        self.store = store_server(self.world)
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, self.world, port, self.collective_timeout, self.tasks[r], self.results),
+            ctx.Process(target=_worker, args=(r, self.world, self.store.port, self.collective_timeout, self.tasks[r],
+                                              self.results),
                         daemon=True)
             for r in range(self.world)
         ]
@@ -155,7 +191,7 @@ class DistributedPool:
             if p.is_alive():
                 p.kill()
                 p.join()
-        self.procs = []
+        self.procs, self.store = [], None
 
 
 # ----------------------------------------------------------------------------- launched jobs

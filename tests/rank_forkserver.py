@@ -29,7 +29,7 @@ import signal
 import sys
 import traceback
 
-from harness import free_port  # this script's folder, tests/, is on sys.path
+from harness import store_server  # this script's folder, tests/, is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PR_SET_PDEATHSIG = 1
@@ -50,13 +50,18 @@ def preload() -> None:
     import dist_muon.integrations.torchtitan  # noqa: F401
 
 
-def run_rank(rank: int, nproc: int, port: int, request: dict) -> int:
+def run_rank(rank: int, nproc: int, port_pipe: int, request: dict) -> int:
     """One rank: torchrun's environment, ``launch.train.main``; its output goes where the leader's does (the log)."""
     die_with_parent()
+    with os.fdopen(port_pipe) as f:  # the leader's store port, once it listens (see lead)
+        port = f.read().strip()
+    if not port:
+        return 1
     os.environ.update(request["env"])
+    # As under torchrun: the store is the launcher's (the agent store), every rank is its client.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TORCHELASTIC_USE_AGENT_STORE="True")
     os.chdir(request["cwd"])
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
@@ -85,13 +90,26 @@ def lead(request: dict) -> None:
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    nproc, port = int(request["nproc"]), free_port()
-    ranks = {}
+    nproc = int(request["nproc"])
+    ranks, port_pipes = {}, []
     for rank in range(nproc):
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os._exit(run_rank(rank, nproc, port, request))
+            for w in [write_end, *port_pipes]:
+                os.close(w)
+            os._exit(run_rank(rank, nproc, read_end, request))
+        os.close(read_end)
         ranks[pid] = rank
+        port_pipes.append(write_end)
+    # The rendezvous store is the leader's, as torchrun's agent hosts it, and listens before any rank
+    # learns its port: a port picked free and bound later by rank 0 was taken in between (EADDRINUSE)
+    # by another job's outgoing gloo connections. Created after the forks: its server thread is not
+    # forked with the ranks.
+    store = store_server(nproc)
+    for w in port_pipes:
+        os.write(w, f"{store.port}\n".encode())
+        os.close(w)
     code = 0
     while ranks:
         pid, status = os.wait()
@@ -105,6 +123,7 @@ def lead(request: dict) -> None:
                     os.kill(other, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+    del store
     tmp = request["log"] + ".rc.tmp"
     with open(tmp, "w") as f:
         f.write(str(code))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 
 import pytest
 import torch
 
-from harness import COLLECTIVE_TIMEOUT, DistributedPool, Job, Launcher, RankFailure, free_port
+from harness import COLLECTIVE_TIMEOUT, DistributedPool, Job, Launcher, RankFailure, ephemeral_ports, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "train_fsdp.py")
@@ -169,3 +170,15 @@ def test_killing_a_job_kills_the_children_in_their_own_sessions(tmp_path):
     assert job.proc.returncode is not None
     while _running(child):  # SIGKILLed: gone as soon as the kernel has reaped it
         time.sleep(0.1)
+
+
+def test_a_free_port_for_torchrun_is_outside_the_ephemeral_range():
+    """Outgoing connections (other jobs' gloo) take ephemeral ports: one picked there was gone before torchrun bound it."""
+    ephemeral = ephemeral_ports()
+    if ephemeral.start <= 10000 and ephemeral.stop > 65535:
+        pytest.skip(f"this machine's ephemeral range {ephemeral.start}-{ephemeral.stop - 1} leaves no other port")
+    for _ in range(20):
+        port = free_port()
+        assert port not in ephemeral
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
