@@ -19,7 +19,6 @@ the many short runs that compare layouts, resumes and settings.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import queue
@@ -34,17 +33,12 @@ import uuid
 
 import torch.multiprocessing as mp
 
+from benchmarks import rendezvous
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TEST_TIMEOUT = float(os.environ.get("DIST_MUON_TEST_TIMEOUT", "900"))
 COLLECTIVE_TIMEOUT = float(os.environ.get("DIST_MUON_COLLECTIVE_TIMEOUT", "300"))
 POLL = 0.5  # watchdog period: how soon a dead process is noticed
-
-
-def store_server(world: int):
-    """A rendezvous store listening on a port of its own choosing, for ``world`` clients."""
-    import torch.distributed as dist
-
-    return dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
 
 
 def ephemeral_ports() -> range:
@@ -92,9 +86,7 @@ def _worker(rank: int, world: int, port: int, timeout: float, tasks, results) ->
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=timeout)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    rendezvous.init_process_group("gloo", rank, world, port, timeout)
     while True:
         task = tasks.get()
         if task is None:
@@ -138,7 +130,7 @@ class DistributedPool:
         ctx.set_forkserver_preload(["pool_preload"])  # once per session: the server starts on first use
         # The store listens here before any worker starts (as torchrun's agent hosts it): a port picked
         # free for rank 0 to bind later can be taken in between by other gloo connections (EADDRINUSE).
-        self.store = store_server(self.world)
+        self.store = rendezvous.store_server(self.world)
         self.tasks = [ctx.Queue() for _ in range(self.world)]
         self.results = ctx.Queue()
         self.procs = [

@@ -29,8 +29,6 @@ import signal
 import sys
 import traceback
 
-from harness import store_server  # this script's folder, tests/, is on sys.path
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PR_SET_PDEATHSIG = 1
 
@@ -106,6 +104,8 @@ def lead(request: dict) -> None:
     # learns its port: a port picked free and bound later by rank 0 was taken in between (EADDRINUSE)
     # by another job's outgoing gloo connections. Created after the forks: its server thread is not
     # forked with the ranks.
+    from benchmarks.rendezvous import store_server  # the repo is on sys.path once serve() started
+
     store = store_server(nproc)
     for w in port_pipes:
         os.write(w, f"{store.port}\n".encode())
